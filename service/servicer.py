@@ -68,10 +68,8 @@ from service.telemetry import (
     mark_multi_call_rpc,
     ms_since_rpc_start,
     rpc_queued_ms,
-    set_rpc_queued_ms,
-    set_rpc_time_to_first_token,
 )
-from service.telemetry.tracing import rpc_arrival_ms
+from service.telemetry.tracing import timed_from_arrival
 from service.usage_pages import (
     page_size_of,
     page_size_violations,
@@ -356,7 +354,11 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
     """
     target.id = completion.id
     target.model = completion.model
-    target.finish_reason = _finish_reason_to_proto(completion)
+    finish_reason = completion.finish_reason
+    if finish_reason is FinishReason.UNKNOWN:  # the rare case in its own frame
+        target.finish_reason = _finish_reason_to_proto(completion)
+    else:
+        target.finish_reason = _FINISH[finish_reason]
     usage = completion.usage
     target.usage.input_tokens = usage.input_tokens
     target.usage.output_tokens = usage.output_tokens
@@ -374,26 +376,6 @@ def _fill_metadata(target: pb.CompletionMetadata, completion: Completion) -> Non
     target.timings.time_to_first_token_ms = timings.time_to_first_token_ms
     target.timings.queued_ms = timings.queued_ms
     target.dropped_messages = completion.dropped_messages
-
-
-def timed_from_arrival(timings: pb.Timings) -> None:
-    """Count `timings` from the call's arrival at the gateway, not from where the
-    pipeline took it up: a call queued for admission (`server.max_queued_calls`) waited
-    before, and its caller waited with it, that wait counted as queued too. The RPC span's
-    time to first token and queued time say the same."""
-    arrival = rpc_arrival_ms()
-    if arrival is None:
-        return
-    elapsed_ms, admission_ms = arrival
-    before_ms = elapsed_ms - timings.total_ms
-    if before_ms > 0:
-        timings.total_ms = elapsed_ms
-        if timings.time_to_first_token_ms:
-            timings.time_to_first_token_ms += before_ms
-            set_rpc_time_to_first_token(timings.time_to_first_token_ms)
-        timings.queued_ms += min(admission_ms, before_ms)  # 0 for most calls: none queued
-    # Even when it did not queue for admission: a summary's span has none of its calls'.
-    set_rpc_queued_ms(timings.queued_ms)
 
 
 def item_timed_from_arrival(timings: pb.Timings) -> None:

@@ -388,7 +388,7 @@ class Telemetry:
         return False
 
     def _end_rpc(self, scope: RpcScope) -> None:
-        elapsed = scope.elapsed_s()
+        elapsed = time.perf_counter() - scope.started  # `scope.elapsed_s()`: a frame less
         overhead = scope.overhead_s(elapsed)
         span = scope.span
         if span.is_recording():

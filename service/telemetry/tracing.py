@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.trace import Span
 
@@ -215,8 +215,11 @@ class RpcScope:
         """Time not spent waiting on an upstream (never negative: a wait reported as a
         duration is placed as ending when it is reported, a little after it ended), of
         `elapsed_s` when given (the RPC's `elapsed_s()` just read), else of now."""
-        elapsed = self.elapsed_s() if elapsed_s is None else elapsed_s
-        return max(0.0, elapsed - self.upstream_s)
+        # `elapsed_s()` and `upstream_s` written out: every RPC asks twice (its trailer,
+        # its end), a frame each time.
+        elapsed = time.perf_counter() - self.started if elapsed_s is None else elapsed_s
+        waits = self.upstream_waits
+        return max(0.0, elapsed - covered_s(waits)) if waits else max(0.0, elapsed)
 
     def set_tenant(self, tenant: str) -> None:
         """Name the tenant the caller was authenticated as (the tenant id, never a key)."""
@@ -239,14 +242,41 @@ def ms_since_rpc_start() -> float | None:
     return None if scope is None else scope.elapsed_s() * 1000.0
 
 
-def rpc_arrival_ms() -> tuple[float, float] | None:
-    """Milliseconds since the current RPC reached the gateway, and those it waited in the
-    server's admission queue (None outside one): `ms_since_rpc_start` and `rpc_queued_ms`
-    in one call, for a call's response, which reads both."""
+class ResponseTimings(Protocol):
+    """A response's timings as the proto carries them (`llmgateway.v1.Timings`)."""
+
+    total_ms: float
+    time_to_first_token_ms: float
+    queued_ms: float
+
+
+def timed_from_arrival(timings: ResponseTimings) -> None:
+    """Count a response's `timings` from the call's arrival at the gateway, not from where
+    the pipeline took it up: a call queued for admission (`server.max_queued_calls`) waited
+    before, and its caller waited with it, that wait counted as queued too. The RPC span's
+    time to first token and queued time say the same.
+
+    Here, beside the RPC's scope, rather than through `ms_since_rpc_start`,
+    `rpc_queued_ms` and the two setters below: every unary response and stream's end comes
+    here, a frame each.
+    """
     scope = CURRENT_RPC.get()
     if scope is None:
-        return None
-    return (time.perf_counter() - scope.started) * 1000.0, scope.queued_s * 1000.0
+        return
+    attributes = scope.attributes
+    elapsed_ms = (time.perf_counter() - scope.started) * 1000.0
+    before_ms = elapsed_ms - timings.total_ms
+    if before_ms > 0:
+        timings.total_ms = elapsed_ms
+        if timings.time_to_first_token_ms:
+            timings.time_to_first_token_ms += before_ms
+            if TIME_TO_FIRST_TOKEN_MS in attributes:  # where its completion set one
+                attributes[TIME_TO_FIRST_TOKEN_MS] = timings.time_to_first_token_ms
+        # 0 for most calls: none queued.
+        timings.queued_ms += min(scope.queued_s * 1000.0, before_ms)
+    # Even when it did not queue for admission: a summary's span has none of its calls'.
+    if QUEUED_MS in attributes or scope.is_multi_call:
+        attributes[QUEUED_MS] = timings.queued_ms
 
 
 def rpc_queued_ms() -> float:
