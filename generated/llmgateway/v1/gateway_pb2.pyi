@@ -134,17 +134,23 @@ class _UpstreamHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Upstre
     UPSTREAM_HEALTH_PROBING: _UpstreamHealth.ValueType  # 2
     """Half-open: a probe request decides."""
     UPSTREAM_HEALTH_UNHEALTHY: _UpstreamHealth.ValueType  # 3
-    """Open: requests skip this upstream."""
+    """Open, down, or found lately not to serve the model: requests for this model go to
+    another upstream serving it, where there is one.
+    """
 
 class UpstreamHealth(_UpstreamHealth, metaclass=_UpstreamHealthEnumTypeWrapper):
-    """UpstreamHealth is the circuit breaker's view of an upstream."""
+    """UpstreamHealth is the gateway's view of one upstream for one model (a ModelInfo's
+    UpstreamStatus): the worse of the upstream's own circuit breaker and that model's there.
+    """
 
 UPSTREAM_HEALTH_UNSPECIFIED: UpstreamHealth.ValueType  # 0
 UPSTREAM_HEALTH_HEALTHY: UpstreamHealth.ValueType  # 1
 UPSTREAM_HEALTH_PROBING: UpstreamHealth.ValueType  # 2
 """Half-open: a probe request decides."""
 UPSTREAM_HEALTH_UNHEALTHY: UpstreamHealth.ValueType  # 3
-"""Open: requests skip this upstream."""
+"""Open, down, or found lately not to serve the model: requests for this model go to
+another upstream serving it, where there is one.
+"""
 Global___UpstreamHealth: _TypeAlias = UpstreamHealth  # noqa: Y015
 
 class _ToolChoiceMode:
