@@ -216,7 +216,10 @@ class Instruments:
         self.breaker_state = meter.create_gauge(
             "llm_gateway.upstream.breaker.state",
             unit="{state}",
-            description="Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+            description=(
+                "Circuit breaker state per upstream, and per model there "
+                "(llm_gateway.upstream.model): 0 closed, 1 half-open, 2 open"
+            ),
         )
         self.attempts = Tally((UPSTREAM, OUTCOME))
         meter.create_observable_counter(

@@ -36,8 +36,11 @@ from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
+from service.telemetry.metrics import BREAKER_STATES
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import Reply, Status
+from tests.integration.test_model_breakers import MODEL_A, MODEL_B, failing_for, two_model_config
+from tests.scripted_upstream import ScriptedUpstream
 from tests.secret_capture import register_secret
 
 ATTEMPT_SPAN = f"chat {FAKE_MODEL}"
@@ -530,16 +533,21 @@ async def start_dashboard_gateway(start_gateway, upstream, redis_server, telemet
     return gw
 
 
-async def dashboard_gateway_metrics(start_gateway, upstream, redis_server) -> str:
-    """What `start_dashboard_gateway`'s gateway shows on its Prometheus endpoint."""
-    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
-    await start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry)
+async def scraped(telemetry: Telemetry) -> str:
+    """What `telemetry`'s Prometheus endpoint shows now."""
     port = telemetry.providers.prometheus_port
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}/metrics") as reply,
     ):
         return await reply.text()
+
+
+async def dashboard_gateway_metrics(start_gateway, upstream, redis_server) -> str:
+    """What `start_dashboard_gateway`'s gateway shows on its Prometheus endpoint."""
+    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
+    await start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry)
+    return await scraped(telemetry)
 
 
 @pytest.mark.redis
@@ -583,6 +591,60 @@ async def test_the_dashboards_panels_by_model_name_one_call_alike(
             for model in MODEL_LABEL.findall(line)
         }
         assert models == {FAKE_MODEL}, name
+
+
+BREAKER_GAUGE = "llm_gateway_upstream_breaker_state"
+MAX_BY = re.compile(r"max by \(([^)]*)\) \((\w+)(?:\{([^}]*)\})?\)")
+MATCHER = re.compile(r'(\w+)(!?=)"([^"]*)"')
+LABEL = re.compile(r'(\w+)="([^"]*)"')
+SERIES = re.compile(r"(\w+)(?:\{(.*)\})? (\S+)$")
+
+
+def max_by(expr: str, text: str) -> dict[tuple[str, ...], float]:
+    """What Prometheus answers `expr`, a `max by (labels) (metric{matchers})` query with
+    `=` and `!=` matchers, over the exposition `text`: a label a series lacks is ""."""
+    match = MAX_BY.fullmatch(expr)
+    assert match is not None, expr
+    by = [label.strip() for label in match[1].split(",")]
+    matchers = MATCHER.findall(match[3] or "")
+    answer: dict[tuple[str, ...], float] = {}
+    for line in text.splitlines():
+        series = SERIES.match(line)
+        if series is None or series[1] != match[2]:
+            continue
+        labels = dict(LABEL.findall(series[2] or ""))
+        if all((labels.get(name, "") == value) == (op == "=") for name, op, value in matchers):
+            key = tuple(labels.get(label, "") for label in by)
+            answer[key] = max(answer.get(key, float("-inf")), float(series[3]))
+    return answer
+
+
+async def test_the_dashboards_breaker_panels_tell_a_models_breaker_from_its_upstreams(
+    start_gateway,
+):
+    """With model-a's 500s having opened its breaker on up0 (up0's own closed, model-b
+    served there), the dashboard's breaker panels, read over the gateway's Prometheus
+    endpoint, show up0 closed, and model-a open and model-b closed there.
+
+    Before, one panel showed `max by (llm_gateway_upstream)` of every breaker: up0 open
+    while it served model-b."""
+    telemetry = Telemetry.from_config(TelemetryConfig(prometheus_port=0), environ={})
+    async with ScriptedUpstream(respond=failing_for(MODEL_A)) as fake:
+        config = two_model_config(fake.base_url, breaker_consecutive_failures=1)
+        gateway = await start_gateway(config, telemetry=telemetry)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gateway.stub.Complete(chat(model=MODEL_A))
+        await gateway.stub.Complete(chat(model=MODEL_B))
+        text = await scraped(telemetry)
+    dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
+    shown = [
+        max_by(target["expr"], text)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if BREAKER_GAUGE in target["expr"]
+    ]
+    closed, opened = BREAKER_STATES["closed"], BREAKER_STATES["open"]
+    assert shown == [{("up0",): closed}, {("up0", MODEL_A): opened, ("up0", MODEL_B): closed}]
 
 
 # The units the gateway's metrics use, as the collector's Prometheus exporter suffixes them
