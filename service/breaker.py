@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.clock import SYSTEM_CLOCK, Clock
+from service.retry import FailureScope
 
 log = logging.getLogger("llm_gateway.breaker")
 
@@ -34,13 +35,6 @@ MIN_CALLS = 20  # calls in the window before the ratio may open the breaker
 WINDOW_S = 30.0  # seconds
 COOL_DOWN_S = 15.0  # seconds open before a probe is let through
 KEY_REJECTED_COOL_DOWN_S = 300.0  # seconds
-
-
-class FailureScope(enum.Enum):
-    """What a failure that counts against health says is unhealthy."""
-
-    UPSTREAM = "upstream"  # the upstream itself: every model it serves
-    MODEL = "model"  # the model the call asked for, there
 
 
 class BreakerState(enum.Enum):

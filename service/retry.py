@@ -6,11 +6,11 @@ decides. Every number the policy uses by default is a constant here.
 
 from __future__ import annotations
 
+import enum
 import random
 from collections import deque
 from dataclasses import dataclass
 
-from service.breaker import FailureScope
 from service.clock import SYSTEM_CLOCK, Clock
 from service.errors import (
     GatewayError,
@@ -23,6 +23,15 @@ from service.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+
+
+class FailureScope(enum.Enum):
+    """What a failure that counts against health says is unhealthy (`failure_scope`):
+    which circuit breaker it counts against (`service.breaker.RouteBreaker`)."""
+
+    UPSTREAM = "upstream"  # the upstream itself: every model it serves
+    MODEL = "model"  # the model the call asked for, there
+
 
 DEFAULT_ATTEMPTS = 3
 INITIAL_BACKOFF_S = 0.5  # seconds: the first backoff's upper bound (full jitter below it)
@@ -254,6 +263,7 @@ __all__ = [
     "RETRY_BUDGET_RATIO",
     "RETRY_BUDGET_WINDOW_S",
     "BackoffPolicy",
+    "FailureScope",
     "RetryBudget",
     "backoff_s",
     "counts_against_health",
