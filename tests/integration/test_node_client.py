@@ -1454,8 +1454,10 @@ async def test_node_batch_and_summarize_take_the_deadlines_complete_takes(
     args = ("--address", address, "--default-timeout-ms", "500")
     timed = await run_node(node_scenarios, "timed-batch-and-summary", *args)
     # The gateway counts the deadline from the call's arrival: the client's own passes first,
-    # so the call fails, not its item.
-    assert timed == {"batch": "DEADLINE_EXCEEDED", "events": [], "summarize": "DEADLINE_EXCEEDED"}
+    # so the call fails; its item's own DEADLINE_EXCEEDED may just come before it on a loaded
+    # machine (the two deadlines are a network hop apart), never any other event.
+    assert (timed["batch"], timed["summarize"]) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
+    assert timed["events"] in ([], ["DEADLINE_EXCEEDED"])
     refused = "RangeError: timeoutMs must be at most 1000000000 ms, or null for no deadline"
     args = ("--address", address, "--timeout-ms", "NaN")
     too_long = await run_node(node_scenarios, "timed-batch-and-summary", *args)

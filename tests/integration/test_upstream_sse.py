@@ -1062,7 +1062,7 @@ def error_body(error: dict[str, Any], *, indent: bool = False) -> str:
             1,
         ),
         (
-            error_body({"code": 400, "message": "Unknown model 'x'"}, indent=True) + "\n",
+            error_body({"code": 400, "message": "temperature too high"}, indent=True) + "\n",
             grpc.StatusCode.INVALID_ARGUMENT,
             "UPSTREAM_REJECTED_REQUEST",
             1,
