@@ -845,8 +845,9 @@ async def test_a_tool_calls_id_or_name_that_is_not_printable_is_malformed(
     """A tool call whose id or function name is not printable (a control or format
     character, a lone UTF-16 half) is a malformed answer: UNAVAILABLE naming the upstream,
     never cached (the same call asks again), charged as a lost attempt: with no output,
-    or with the usage a JSON body reported (as the provider bills it). Before, it was relayed, cached and billed (a lone half as U+FFFD, an id the upstream
-    never sent), and the caller's next turn, sending it back, was refused."""
+    or with the usage a JSON body reported (as the provider bills it). Before, it was
+    relayed, cached and billed (a lone half as U+FFFD, an id the upstream never sent),
+    and the caller's next turn, sending it back, was refused."""
     call_id, name = UNPRINTABLE_CALLS[shape]
     what = "id" if shape.endswith("-id") else "function name"
     data = gateway_config_data(upstream.base_url, cache={"backend": "memory"}, **ONE_ATTEMPT)
