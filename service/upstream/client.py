@@ -56,6 +56,7 @@ from service.upstream.openai_json import (
     error_status,
     is_json_or_cut,
     parse_completion,
+    reported_usage,
     says_content_flagged,
     says_context_exceeded,
     says_out_of_credit,
@@ -630,10 +631,13 @@ class UpstreamClient:
         response: Response,
         body: bytes,
         on_status: Callable[[int], None] | None,
+        on_usage: Callable[[Usage], None] | None,
     ) -> UpstreamReply:
         """A success answer's body as a chat completion, or, where it holds an error in
         place of one, the error its status would have been (`on_status` told that
-        status: the upstream refused the call, and bills nothing for it)."""
+        status: the upstream refused the call, and bills nothing for it). The usage of
+        the provider's answer refused as malformed goes to `on_usage`: the provider
+        bills it so, and the attempt is recorded with it (`AttemptLog.lose`)."""
         try:
             return _reply(call, body, response.headers, waited_s=response.waited_s)
         except MalformedReply as exc:
@@ -643,6 +647,8 @@ class UpstreamClient:
             media = media_type(response.headers)
             if not _may_be_providers_answer(media, body):
                 raise _not_openai(self.name, response, media) from exc
+            if on_usage is not None and (counts := reported_usage(body)) is not None:
+                on_usage(counts)
             raise
 
     def _reported_error(
@@ -779,7 +785,7 @@ class UpstreamClient:
                 on_usage=on_usage,
             )
         return await self._complete_unary(
-            call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status
+            call, timeout_s=timeout_s, on_sent=on_sent, on_status=on_status, on_usage=on_usage
         )
 
     async def _complete_streamed(
@@ -850,8 +856,10 @@ class UpstreamClient:
         timeout_s: float,
         on_sent: Callable[[], None] | None,
         on_status: Callable[[int], None] | None,
+        on_usage: Callable[[Usage], None] | None,
     ) -> UpstreamReply:
-        """`complete`, as one unary HTTP exchange."""
+        """`complete`, as one unary HTTP exchange; `on_usage` gets the usage of an answer
+        refused as malformed (`_reply`)."""
         response: Response | None = None
         with self._translated_errors:
             try:
@@ -867,7 +875,7 @@ class UpstreamClient:
                 raise self._stalled_refusal(response) from exc
             if response.status >= 300:  # a redirect, a refusal or a failure
                 raise self._error_for_status(response, body)
-            reply = self._reply(call, response, body, on_status)
+            reply = self._reply(call, response, body, on_status, on_usage)
             think_tags = self.config.think_tags
             return reply if think_tags == "false" else split_reply(reply, splitter_for(think_tags))
 
@@ -940,6 +948,7 @@ class UpstreamClient:
             on_sent=on_sent,
             on_status=on_status,
             tally=tally,
+            on_usage=on_usage,
         )
 
     async def _asked_again_unary(
@@ -951,6 +960,7 @@ class UpstreamClient:
         on_sent: Callable[[], None] | None,
         on_status: Callable[[int], None] | None,
         tally: StreamTally,
+        on_usage: Callable[[Usage], None] | None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """`events`; or, where they end in `UpstreamRefusedSilently`, the same request
         asked again unary, by `deadline`: its error says why (llama-cpp-python's 400 for a
@@ -967,7 +977,11 @@ class UpstreamClient:
         unary = dataclasses.replace(call, body=unary_body(call.body))
         remaining_s = deadline - asyncio.get_running_loop().time()
         reply = await self._complete_unary(
-            unary, timeout_s=remaining_s, on_sent=on_sent, on_status=on_status
+            unary,
+            timeout_s=remaining_s,
+            on_sent=on_sent,
+            on_status=on_status,
+            on_usage=on_usage,
         )
         for event in _reply_events(reply, tally):
             yield event
@@ -1020,7 +1034,7 @@ class UpstreamClient:
                     # one completion: relay it as one chunk and the end.
                     async with asyncio.timeout_at(deadline):
                         body = await _read_answer(response)
-                    reply = self._reply(call, response, body, on_status)
+                    reply = self._reply(call, response, body, on_status, on_usage)
                     if splitter is not None:
                         reply = split_reply(reply, splitter)
                     for event in _reply_events(reply, tally):

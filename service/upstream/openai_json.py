@@ -888,6 +888,18 @@ def parse_completion(
     )
 
 
+def reported_usage(raw: bytes) -> Usage | None:
+    """The usage a whole answer's body reports, for one refused as malformed (more than
+    `MAX_TOOL_CALLS_PER_MESSAGE` tool calls, no finish reason, ...): the provider took the
+    call and bills what it counted, whatever the gateway made of its answer. None when
+    the body is no JSON object, or reports no usage to be believed."""
+    try:
+        data = _loads(raw)
+    except (MalformedReply, ValueError, RecursionError):
+        return None
+    return usage(data.get("usage"))
+
+
 @dataclass(slots=True)
 class _StreamedCall:
     """A streamed tool call: its position once begun (sent with its id and name), and

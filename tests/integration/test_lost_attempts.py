@@ -37,6 +37,7 @@ from tests.fake_upstream import (
     Reply,
     Reset,
     Status,
+    ToolCallReply,
 )
 from tests.integration.helpers import error_info, rich_status
 from tests.integration.test_cache import eventually
@@ -566,3 +567,44 @@ async def test_a_streamed_unary_attempt_lost_after_its_usage_is_charged_that_usa
     assert (lost.usage.input_tokens, lost.usage.cached_input_tokens) == (1000, 800)
     assert lost.usage.output_tokens == 3
     assert lost.cost_usd == pytest.approx(CACHED_PROMPT_USD, abs=1e-12)
+
+
+# A whole answer refused as malformed (more tool calls than an answer may make), whose
+# usage says what the provider billed for it: most of its prompt cached, and its output.
+TOO_MANY_CALLS = dataclasses.replace(
+    CACHED_PROMPT,
+    content="",
+    tool_calls=tuple(ToolCallReply(f"call_{i}", "f", "{}") for i in range(1025)),
+    completion_tokens=9000,
+    ignore_stream=True,  # a stream too is answered as one completion
+)
+TOO_MANY_CALLS_USD = (200 * 0.27 + 800 * 0.07 + 9000 * 1.10) / 1e6
+
+
+@pytest.mark.parametrize("ledger", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_whole_answer_refused_as_malformed_is_charged_the_usage_it_reported(
+    fakes: tuple[FakeUpstream, FakeUpstream],
+    start_gateway: Any,
+    request: pytest.FixtureRequest,
+    mode: str,
+    ledger: str,
+) -> None:
+    """up0's answer makes 1,025 tool calls, one past the bound: refused as malformed and
+    answered by up1. The provider billed it as its usage says, its 9,000 output tokens
+    and cached input included: the attempt lost on up0 is charged that (before, the
+    prompt's estimate alone, at the full input price, and none of its output)."""
+    section = {}
+    if ledger == "redis":
+        section = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": f"bad-{mode}"}
+    config = config_for(fakes, timeouts_s=(10, 10), models=CACHE_PRICED_MODELS, ledger=section)
+    gateway = await start_gateway(config)
+    fakes[0].script(TOO_MANY_CALLS)
+    fakes[1].script(ANSWER)
+    assert_the_answers_own(await call(gateway, mode), attempts=2)
+    lost = by_upstream(await usage(gateway))["up0"]
+    assert (lost.requests, lost.estimated_requests) == (0, 0)
+    assert not lost.usage.estimated
+    assert (lost.usage.input_tokens, lost.usage.cached_input_tokens) == (1000, 800)
+    assert lost.usage.output_tokens == 9000
+    assert lost.cost_usd == pytest.approx(TOO_MANY_CALLS_USD, abs=1e-12)

@@ -747,7 +747,8 @@ async def test_an_answer_making_more_tool_calls_than_the_bound_is_malformed(
 ):
     """1,025 tool calls in one answer (a JSON body, a stream read whole for a unary call,
     or one stream event) are a malformed answer: retried before any output, not cached,
-    charged as a lost attempt; 1,024 are an answer. Before, any number was held and relayed."""
+    charged as a lost attempt (a JSON body's with the usage it reported, as the provider
+    bills it); 1,024 are an answer. Before, any number was held and relayed."""
     data = gateway_config_data(upstream.base_url, cache={"backend": "memory"})
     data["upstreams"][0]["stream_unary_calls"] = mode == "streamed-unary"
     gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
@@ -762,8 +763,12 @@ async def test_an_answer_making_more_tool_calls_than_the_bound_is_malformed(
     assert metadata.attempts == 2
     assert len(upstream.requests) == 2
     total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
-    assert (total.requests, total.estimated_requests) == (1, 1)  # the answer; the lost attempt
-    assert total.usage.output_tokens == 3  # the answer's, as reported
+    if mode == "unary":  # the lost attempt's usage too, as its body reported it
+        assert (total.requests, total.estimated_requests) == (1, 0)
+        assert total.usage.output_tokens == 3 + 3
+    else:  # the lost attempt's prompt, estimated: its stream reported no usage
+        assert (total.requests, total.estimated_requests) == (1, 1)
+        assert total.usage.output_tokens == 3  # the answer's, as reported
     data["resilience"] = {"attempts": 1}
     one_try = await start_gateway(parse_config(data, source="<test>", environ={}))
     for _ in range(2):  # never cached: each call asks the upstream
@@ -839,9 +844,10 @@ async def test_a_tool_calls_id_or_name_that_is_not_printable_is_malformed(
 ):
     """A tool call whose id or function name is not printable (a control or format
     character, a lone UTF-16 half) is a malformed answer: UNAVAILABLE naming the upstream,
-    never cached (the same call asks again), charged as a lost attempt with no output.
-    Before, it was relayed, cached and billed (a lone half as U+FFFD, an id the upstream
-    never sent), and the caller's next turn, sending it back, was refused."""
+    never cached (the same call asks again), charged as a lost attempt: with no output,
+    or with the usage a JSON body reported (as the provider bills it). Before, it was
+    relayed, cached and billed (a lone half as U+FFFD, an id the upstream never sent),
+    and the caller's next turn, sending it back, was refused."""
     call_id, name = UNPRINTABLE_CALLS[shape]
     what = "id" if shape.endswith("-id") else "function name"
     data = gateway_config_data(upstream.base_url, cache={"backend": "memory"}, **ONE_ATTEMPT)
@@ -863,8 +869,12 @@ async def test_a_tool_calls_id_or_name_that_is_not_printable_is_malformed(
         assert error_info(caught.value).metadata["upstream"] == "up0"
     assert len(upstream.requests) == 2
     total = (await gateway.stub.GetUsage(pb.GetUsageRequest())).total
-    assert (total.requests, total.estimated_requests) == (0, 2)
-    assert total.usage.output_tokens == 0
+    if mode == "unary":  # as each body reported it
+        assert (total.requests, total.estimated_requests) == (0, 0)
+        assert (total.usage.input_tokens, total.usage.output_tokens) == (2 * 7, 2 * 3)
+    else:
+        assert (total.requests, total.estimated_requests) == (0, 2)
+        assert total.usage.output_tokens == 0
 
 
 # Names outside OpenAI's rule for declared tools, with dots, letters of other scripts, a
