@@ -540,6 +540,7 @@ REFUSED_REQUESTS = {
     "strict-string": "TypeError: params.responseFormat.strict: expected a boolean, got string",
     "content-number": "TypeError: messages[0].content: expected a string, got number",
     "label-number": 'TypeError: labels["team"]: expected a string, got number',
+    "labels-map": "TypeError: labels: expected an object, got Map (Object.fromEntries(map) is one)",
     "stop-string": "TypeError: params.stop: expected an array, got string",
     "params-number": "TypeError: params: expected a GenerationParams object, got number",
     "message-null": "TypeError: messages[0]: expected a Message object, got null",
@@ -580,7 +581,8 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     properties of undefined". A list with a hole (a stray comma) and an option the call
     has no name for (`timeout_ms`, which left the call on the default deadline) are refused
     too: before, the hole went out as the stop sequence "undefined", or failed the call
-    INTERNAL, and the option was dropped unread."""
+    INTERNAL, and the option was dropped unread. So are labels given as a `Map`, which
+    went out as none: a `Map`'s entries are no properties."""
     name = "gateway.test"
     port = int(gateway.server.address.rpartition(":")[2])
     async with ForwardProxy(hosts={name: ("127.0.0.1", port)}) as proxy:
@@ -1415,8 +1417,9 @@ async def test_node_usage_pages_reads_every_page_and_get_usage_one(
     """`client.usagePages` yields GetUsage's pages in order, each with the whole total,
     from the first or from a page's token; `getUsage` reads one page and rejects a
     negative page size or a token sent with another query as INVALID_ARGUMENT on that
-    field, and a page size no int32 holds before any call. Before, the Node client had
-    no call for GetUsage, and the gateway no pages."""
+    field, and a page size no int32 holds before any call, as it does a `Date` for a
+    Timestamp and a `Map` for the labels, which went out as 1970 and as no filter: every
+    row. Before, the Node client had no call for GetUsage, and the gateway no pages."""
     for n in range(5):
         await gateway.stub.Complete(chat(labels={"request_id": f"r{n}"}))
     result = await run_against(node_scenarios, gateway, "usage-pages")
@@ -1427,6 +1430,10 @@ async def test_node_usage_pages_reads_every_page_and_get_usage_one(
         "negative": {"code": "INVALID_ARGUMENT", "fields": ["page_size"]},
         "foreign": {"code": "INVALID_ARGUMENT", "fields": ["page_token"]},
         "notInt32": "RangeError: pageSize must be an integer -2147483648..2147483647; got 1.5",
+        "startDate": "TypeError: startTime: expected a Timestamp object, got Date "
+        "({ seconds: Math.floor(date.getTime() / 1000), nanos: 0 } is one)",
+        "labelsMap": "TypeError: labels: expected an object, got Map "
+        "(Object.fromEntries(map) is one)",
     }
 
 

@@ -27,6 +27,7 @@ import {
   GatewayCallError,
   GatewayClient,
   GatewayClientOptions,
+  GetUsageRequest,
   ReasoningEffort,
   STATUS_DETAILS_KEY,
   Role,
@@ -596,6 +597,8 @@ const BAD_REQUESTS: Record<string, (request: Json) => unknown> = {
   }),
   "content-number": (request) => ({ ...request, messages: [{ role: Role.ROLE_USER, content: 5 }] }),
   "label-number": (request) => ({ ...request, labels: { team: 5 } }),
+  // A map field's natural JavaScript type, whose entries are no properties.
+  "labels-map": (request) => ({ ...request, labels: new Map([["team", "search"]]) }),
   "stop-string": (request) => ({ ...request, params: { stop: "END" } }),
   "params-number": (request) => ({ ...request, params: 5 }),
   "message-null": (request) => ({ ...request, messages: [null] }),
@@ -874,6 +877,13 @@ async function usagePages(client: GatewayClient): Promise<Json> {
       client.getUsage({ model: "other-model", pageToken: first.nextPageToken }),
     ),
     notInt32: await outcomeOf(() => client.getUsage({ pageSize: 1.5 })),
+    // JavaScript's own types for a time and a map: a Timestamp and an object are taken.
+    startDate: await outcomeOf(() =>
+      client.getUsage({ startTime: new Date() } as unknown as GetUsageRequest),
+    ),
+    labelsMap: await outcomeOf(() =>
+      client.getUsage({ labels: new Map([["request_id", "r0"]]) } as unknown as GetUsageRequest),
+    ),
   };
 }
 
