@@ -693,6 +693,29 @@ async def test_node_example_whose_reader_left_exits_as_sigpipe_ends_a_program(
     assert (process.returncode, stderr.decode()) == (141, "")
 
 
+async def test_node_example_whose_output_cannot_be_written_says_so_and_exits_1(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`example.js > answer.txt` on a full disk: one line saying so, exit status 1, as the
+    Python CLI. Before, the answer's first line threw ENOSPC out of the program, a stack
+    trace."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "node",
+            str(node_scenarios.example),
+            *("--address", gateway.server.address, "--model", "fake-model", "Say hi"),
+            stdout=full,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(full)
+    async with asyncio.timeout(NODE_TIMEOUT_S):
+        _, stderr = await process.communicate()
+    said = "example: cannot write: no space left on device\n"
+    assert (process.returncode, stderr.decode()) == (1, said)
+
+
 async def test_node_example_asks_for_the_python_clis_default_model(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:
