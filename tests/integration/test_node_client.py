@@ -933,6 +933,30 @@ async def test_node_stream_and_batch_read_again_say_they_were_read_already(
     assert len(upstream.requests) == 2
 
 
+async def test_node_stream_and_batch_read_by_two_loops_at_once_refuse_the_second(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Two loops begun together over one stream or batch (`Promise.all` of a text reader
+    and a tool call reader): the first reads every event, the second throws a TypeError
+    saying another loop reads it, and the call goes on. Before, the events were split
+    between the loops: here the second read none and ended without a word, as though the
+    call had answered nothing. A first event read on an iterator of its own, then the
+    rest by a loop, still reads every event."""
+    seen = await run_against(node_scenarios, gateway, "read-by-two")
+    said = "TypeError: this {} is being read by another loop: each event goes to one loop"
+    stream_events = seen["stream"]["first"]["kinds"]
+    assert stream_events[0] == "delta"
+    for name, kind, events in [
+        ("stream", "CompletionStream", [*stream_events[:-1], "final"]),
+        ("batch", "BatchResults", ["response", "summary"]),
+    ]:
+        assert seen[name]["first"] == {"kinds": events, "outcome": "answered"}
+        assert seen[name]["second"]["kinds"] == []
+        assert seen[name]["second"]["outcome"].startswith(said.format(kind))
+    assert seen["peeked"] == {"kinds": stream_events, "outcome": "answered"}
+    assert len(upstream.requests) == 3
+
+
 async def test_node_stream_prints_deltas_as_they_arrive(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -561,6 +561,8 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   #cancelDetails = CANCELLED_ON_CLIENT;
   /** Set once a loop has read the call's every event: a later loop has none to read. */
   #isReadToEnd = false;
+  /** Set while a loop waits for the next event: another loop's would take some of them. */
+  #isAwaitingEvent = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
   readonly #call: grpc.ClientReadableStream<Message>;
@@ -621,7 +623,7 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   [Symbol.asyncIterator](): AsyncIterableIterator<Event> {
     const events = this.events();
     return {
-      next: () => events.next(),
+      next: () => this.nextOf(events),
       // Leaving the loop early (break, throw in the body, `return()`) cancels the call. Here
       // rather than in the generator's `finally`, which one left before its first `next()`
       // never runs: its call went on, for a later loop to read.
@@ -634,6 +636,27 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
         return this;
       },
     };
+  }
+
+  /**
+   * The next event of `events`, unless another loop is waiting for one: two loops at once
+   * split the events between them, each seeing some, or one none, as though the call had
+   * answered nothing (`Promise.all` of a text reader and a tool call reader, say). A
+   * first event read before the loop (`next()` on an iterator of its own) is no such race.
+   */
+  private nextOf(events: AsyncGenerator<Event, void>): Promise<IteratorResult<Event, void>> {
+    if (this.#isAwaitingEvent) {
+      return Promise.reject(
+        new TypeError(
+          `this ${this.constructor.name} is being read by another loop: each event goes to ` +
+            "one loop (read it in one, and share what it yields)",
+        ),
+      );
+    }
+    this.#isAwaitingEvent = true;
+    return events.next().finally(() => {
+      this.#isAwaitingEvent = false;
+    });
   }
 
   private async *events(): AsyncGenerator<Event, void> {

@@ -833,6 +833,44 @@ async function readAgain(client: GatewayClient, args: Args): Promise<Json> {
   };
 }
 
+/** The events each of two loops begun together over `events` read, and how each ended. */
+async function readByTwoLoops(events: AsyncIterable<{ kind: string }>): Promise<Json> {
+  const loop = async (): Promise<Json> => {
+    const kinds: string[] = [];
+    const outcome = await outcomeOf(async () => {
+      for await (const event of events) {
+        kinds.push(event.kind);
+      }
+    });
+    return { kinds, outcome };
+  };
+  const [first, second] = await Promise.all([loop(), loop()]);
+  return { first, second };
+}
+
+/** The first event read on an iterator of its own, then the rest by a loop. */
+async function peekThenLoop(events: AsyncIterable<{ kind: string }>): Promise<Json> {
+  const peeked = await events[Symbol.asyncIterator]().next();
+  const kinds = peeked.done ? [] : [peeked.value.kind];
+  const outcome = await outcomeOf(async () => {
+    for await (const event of events) {
+      kinds.push(event.kind);
+    }
+  });
+  return { kinds, outcome };
+}
+
+async function readByTwo(client: GatewayClient, args: Args): Promise<Json> {
+  // A stream and a batch each read by two loops at once; a stream peeked, then read.
+  const request = { model: args.model, messages: messages("Say hi") };
+  const options = { timeoutMs: CALL_GUARD_MS };
+  return {
+    stream: await readByTwoLoops(client.completeStream(request, options)),
+    batch: await readByTwoLoops(client.completeBatch({ items: batchItems(args, 1) }, options)),
+    peeked: await peekThenLoop(client.completeStream(request, options)),
+  };
+}
+
 async function summarize(client: GatewayClient, args: Args): Promise<Json> {
   try {
     const response = await client.summarize(
@@ -1032,6 +1070,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "stalled-stream": stalledStream,
   "leave-buffered": leaveBuffered,
   "late-stream": lateStream,
+  "read-by-two": readByTwo,
   "late-cut-stream": lateCutStream,
   "read-again": readAgain,
   "without-timeout": withoutTimeout,
