@@ -1703,6 +1703,28 @@ async def test_node_tls_verifies_the_gateway_against_the_systems_cas(
     assert len(upstream.requests) == 2
 
 
+async def test_node_tls_refuses_a_system_ca_bundle_that_holds_no_certificate(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway, pki: Pki
+) -> None:
+    """`tls: {}` with $SSL_CERT_FILE naming a file that holds no certificate (a key, a DER
+    file) is refused when the client is made, naming the file, and the example exits 2
+    saying so, as the Python CLI's `--tls`. Before, Node took the bundle and trusted
+    nothing: every call failed UNAVAILABLE, the handshake blaming the gateway's
+    certificate."""
+    gateway = await start_gateway(tls_config(upstream, pki))
+    key = pki.ca.parent / "ca.key"
+    env = {"SSL_CERT_FILE": str(key), "NODE_EXTRA_CA_CERTS": ""}
+    said = (
+        f"tls: the system's CA bundle, $SSL_CERT_FILE {key}, holds no PEM certificate to "
+        "verify the gateway with (give caFile)"
+    )
+    args = ("--address", gateway.server.address, "--tls")
+    assert await run_node(node_scenarios, "try-complete", *args, env=env) == {"refused": said}
+    returncode, _, stderr = await run_process(node_scenarios.example, *args, env=env)
+    assert (returncode, stderr) == (2, f"example: {said}\n")
+    assert upstream.requests == []
+
+
 async def test_node_example_connects_with_mtls_from_the_python_clis_variables(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway, pki: Pki
 ) -> None:

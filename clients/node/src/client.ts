@@ -327,14 +327,42 @@ function readIfPresent(file: string | undefined): Buffer | null {
  * once the CAs are given, Node no longer adds `$NODE_EXTRA_CA_CERTS`, so that is added here.
  */
 export function systemCaCertificates(): Buffer | null {
-  const bundle = [process.env.SSL_CERT_FILE, ...SYSTEM_CA_BUNDLES]
-    .map(readIfPresent)
-    .find((pem) => pem !== null);
-  if (bundle === undefined) {
-    return null;
+  return systemCaBundle()?.pem ?? null;
+}
+
+/** `systemCaCertificates`, and the file its bundle was read from, to name in errors. */
+function systemCaBundle(): { file: string; pem: Buffer } | null {
+  for (const file of [process.env.SSL_CERT_FILE, ...SYSTEM_CA_BUNDLES]) {
+    const bundle = readIfPresent(file);
+    if (file !== undefined && bundle !== null) {
+      const extra = readIfPresent(process.env.NODE_EXTRA_CA_CERTS);
+      const pem = extra === null ? bundle : Buffer.concat([bundle, Buffer.from("\n"), extra]);
+      return { file, pem };
+    }
   }
-  const extra = readIfPresent(process.env.NODE_EXTRA_CA_CERTS);
-  return extra === null ? bundle : Buffer.concat([bundle, Buffer.from("\n"), extra]);
+  return null;
+}
+
+/** Whether `pem` holds a PEM certificate (not only a key, nor DER bytes). */
+function holdsCertificate(pem: Buffer): boolean {
+  return pem.includes("-----BEGIN CERTIFICATE-----");
+}
+
+/**
+ * The system's CAs, refused when their bundle holds no certificate (`$SSL_CERT_FILE`
+ * naming a key, or a DER file), as the Python CLI refuses it: Node would take it and trust
+ * nothing, and every handshake would blame the gateway's certificate.
+ */
+function checkedSystemCas(): Buffer | null {
+  const bundle = systemCaBundle();
+  if (bundle !== null && !holdsCertificate(bundle.pem)) {
+    const where = bundle.file === process.env.SSL_CERT_FILE ? "$SSL_CERT_FILE " : "";
+    throw new Error(
+      `tls: the system's CA bundle, ${where}${bundle.file}, holds no PEM certificate to ` +
+        "verify the gateway with (give caFile)",
+    );
+  }
+  return bundle?.pem ?? null;
 }
 
 /** One PEM of `TlsOptions`: its bytes, its file read now, or null when neither is given. */
@@ -369,7 +397,7 @@ export function tlsCredentials(tls: TlsOptions = {}): grpc.ChannelCredentials {
   }
   checkOptionNames(tls, TLS_OPTIONS, "TlsOptions", "tls");
   const ca = pemOf(tls.ca, tls.caFile, "ca");
-  if (ca !== null && !ca.includes("-----BEGIN CERTIFICATE-----")) {
+  if (ca !== null && !holdsCertificate(ca)) {
     // Node would take it and trust nothing: every handshake would blame the gateway.
     throw new Error(`tls: no PEM certificate in ${tls.caFile ?? "ca"}`);
   }
@@ -378,7 +406,7 @@ export function tlsCredentials(tls: TlsOptions = {}): grpc.ChannelCredentials {
   if ((cert === null) !== (key === null)) {
     throw new Error("tls: a client certificate and its key go together");
   }
-  return grpc.credentials.createSsl(ca ?? systemCaCertificates(), key, cert);
+  return grpc.credentials.createSsl(ca ?? checkedSystemCas(), key, cert);
 }
 
 export interface GatewayClientOptions {
