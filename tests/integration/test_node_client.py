@@ -540,6 +540,7 @@ REFUSED_REQUESTS = {
     "strict-string": "TypeError: params.responseFormat.strict: expected a boolean, got string",
     "content-number": "TypeError: messages[0].content: expected a string, got number",
     "label-number": 'TypeError: labels["team"]: expected a string, got number',
+    "labels-map": "TypeError: labels: expected an object, got Map (Object.fromEntries(map) is one)",
     "stop-string": "TypeError: params.stop: expected an array, got string",
     "params-number": "TypeError: params: expected a GenerationParams object, got number",
     "message-null": "TypeError: messages[0]: expected a Message object, got null",
@@ -580,7 +581,8 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     properties of undefined". A list with a hole (a stray comma) and an option the call
     has no name for (`timeout_ms`, which left the call on the default deadline) are refused
     too: before, the hole went out as the stop sequence "undefined", or failed the call
-    INTERNAL, and the option was dropped unread."""
+    INTERNAL, and the option was dropped unread. So are labels given as a `Map`, which
+    went out as none: a `Map`'s entries are no properties."""
     name = "gateway.test"
     port = int(gateway.server.address.rpartition(":")[2])
     async with ForwardProxy(hosts={name: ("127.0.0.1", port)}) as proxy:
@@ -689,6 +691,29 @@ async def test_node_example_whose_reader_left_exits_as_sigpipe_ends_a_program(
     async with asyncio.timeout(NODE_TIMEOUT_S):
         _, stderr = await process.communicate()
     assert (process.returncode, stderr.decode()) == (141, "")
+
+
+async def test_node_example_whose_output_cannot_be_written_says_so_and_exits_1(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`example.js > answer.txt` on a full disk: one line saying so, exit status 1, as the
+    Python CLI. Before, the answer's first line threw ENOSPC out of the program, a stack
+    trace."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "node",
+            str(node_scenarios.example),
+            *("--address", gateway.server.address, "--model", "fake-model", "Say hi"),
+            stdout=full,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(full)
+    async with asyncio.timeout(NODE_TIMEOUT_S):
+        _, stderr = await process.communicate()
+    said = "example: cannot write: no space left on device\n"
+    assert (process.returncode, stderr.decode()) == (1, said)
 
 
 async def test_node_example_asks_for_the_python_clis_default_model(
@@ -906,6 +931,30 @@ async def test_node_stream_and_batch_read_again_say_they_were_read_already(
         assert seen[name]["eventsAgain"] == 0
     assert seen["failed"] == {"first": "NOT_FOUND", "again": "NOT_FOUND", "eventsAgain": 0}
     assert len(upstream.requests) == 2
+
+
+async def test_node_stream_and_batch_read_by_two_loops_at_once_refuse_the_second(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Two loops begun together over one stream or batch (`Promise.all` of a text reader
+    and a tool call reader): the first reads every event, the second throws a TypeError
+    saying another loop reads it, and the call goes on. Before, the events were split
+    between the loops: here the second read none and ended without a word, as though the
+    call had answered nothing. A first event read on an iterator of its own, then the
+    rest by a loop, still reads every event."""
+    seen = await run_against(node_scenarios, gateway, "read-by-two")
+    said = "TypeError: this {} is being read by another loop: each event goes to one loop"
+    stream_events = seen["stream"]["first"]["kinds"]
+    assert stream_events[0] == "delta"
+    for name, kind, events in [
+        ("stream", "CompletionStream", [*stream_events[:-1], "final"]),
+        ("batch", "BatchResults", ["response", "summary"]),
+    ]:
+        assert seen[name]["first"] == {"kinds": events, "outcome": "answered"}
+        assert seen[name]["second"]["kinds"] == []
+        assert seen[name]["second"]["outcome"].startswith(said.format(kind))
+    assert seen["peeked"] == {"kinds": stream_events, "outcome": "answered"}
+    assert len(upstream.requests) == 3
 
 
 async def test_node_stream_prints_deltas_as_they_arrive(
@@ -1415,8 +1464,9 @@ async def test_node_usage_pages_reads_every_page_and_get_usage_one(
     """`client.usagePages` yields GetUsage's pages in order, each with the whole total,
     from the first or from a page's token; `getUsage` reads one page and rejects a
     negative page size or a token sent with another query as INVALID_ARGUMENT on that
-    field, and a page size no int32 holds before any call. Before, the Node client had
-    no call for GetUsage, and the gateway no pages."""
+    field, and a page size no int32 holds before any call, as it does a `Date` for a
+    Timestamp and a `Map` for the labels, which went out as 1970 and as no filter: every
+    row. Before, the Node client had no call for GetUsage, and the gateway no pages."""
     for n in range(5):
         await gateway.stub.Complete(chat(labels={"request_id": f"r{n}"}))
     result = await run_against(node_scenarios, gateway, "usage-pages")
@@ -1427,6 +1477,10 @@ async def test_node_usage_pages_reads_every_page_and_get_usage_one(
         "negative": {"code": "INVALID_ARGUMENT", "fields": ["page_size"]},
         "foreign": {"code": "INVALID_ARGUMENT", "fields": ["page_token"]},
         "notInt32": "RangeError: pageSize must be an integer -2147483648..2147483647; got 1.5",
+        "startDate": "TypeError: startTime: expected a Timestamp object, got Date "
+        "({ seconds: Math.floor(date.getTime() / 1000), nanos: 0 } is one)",
+        "labelsMap": "TypeError: labels: expected an object, got Map "
+        "(Object.fromEntries(map) is one)",
     }
 
 
@@ -1649,6 +1703,28 @@ async def test_node_tls_verifies_the_gateway_against_the_systems_cas(
     extra = await run_node(node_scenarios, *args, env=rogue | {"NODE_EXTRA_CA_CERTS": str(pki.ca)})
     assert extra["content"] == "Hello from fake"
     assert len(upstream.requests) == 2
+
+
+async def test_node_tls_refuses_a_system_ca_bundle_that_holds_no_certificate(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway, pki: Pki
+) -> None:
+    """`tls: {}` with $SSL_CERT_FILE naming a file that holds no certificate (a key, a DER
+    file) is refused when the client is made, naming the file, and the example exits 2
+    saying so, as the Python CLI's `--tls`. Before, Node took the bundle and trusted
+    nothing: every call failed UNAVAILABLE, the handshake blaming the gateway's
+    certificate."""
+    gateway = await start_gateway(tls_config(upstream, pki))
+    key = pki.ca.parent / "ca.key"
+    env = {"SSL_CERT_FILE": str(key), "NODE_EXTRA_CA_CERTS": ""}
+    said = (
+        f"tls: the system's CA bundle, $SSL_CERT_FILE {key}, holds no PEM certificate to "
+        "verify the gateway with (give caFile)"
+    )
+    args = ("--address", gateway.server.address, "--tls")
+    assert await run_node(node_scenarios, "try-complete", *args, env=env) == {"refused": said}
+    returncode, _, stderr = await run_process(node_scenarios.example, *args, env=env)
+    assert (returncode, stderr) == (2, f"example: {said}\n")
+    assert upstream.requests == []
 
 
 async def test_node_example_connects_with_mtls_from_the_python_clis_variables(

@@ -327,14 +327,42 @@ function readIfPresent(file: string | undefined): Buffer | null {
  * once the CAs are given, Node no longer adds `$NODE_EXTRA_CA_CERTS`, so that is added here.
  */
 export function systemCaCertificates(): Buffer | null {
-  const bundle = [process.env.SSL_CERT_FILE, ...SYSTEM_CA_BUNDLES]
-    .map(readIfPresent)
-    .find((pem) => pem !== null);
-  if (bundle === undefined) {
-    return null;
+  return systemCaBundle()?.pem ?? null;
+}
+
+/** `systemCaCertificates`, and the file its bundle was read from, to name in errors. */
+function systemCaBundle(): { file: string; pem: Buffer } | null {
+  for (const file of [process.env.SSL_CERT_FILE, ...SYSTEM_CA_BUNDLES]) {
+    const bundle = readIfPresent(file);
+    if (file !== undefined && bundle !== null) {
+      const extra = readIfPresent(process.env.NODE_EXTRA_CA_CERTS);
+      const pem = extra === null ? bundle : Buffer.concat([bundle, Buffer.from("\n"), extra]);
+      return { file, pem };
+    }
   }
-  const extra = readIfPresent(process.env.NODE_EXTRA_CA_CERTS);
-  return extra === null ? bundle : Buffer.concat([bundle, Buffer.from("\n"), extra]);
+  return null;
+}
+
+/** Whether `pem` holds a PEM certificate (not only a key, nor DER bytes). */
+function holdsCertificate(pem: Buffer): boolean {
+  return pem.includes("-----BEGIN CERTIFICATE-----");
+}
+
+/**
+ * The system's CAs, refused when their bundle holds no certificate (`$SSL_CERT_FILE`
+ * naming a key, or a DER file), as the Python CLI refuses it: Node would take it and trust
+ * nothing, and every handshake would blame the gateway's certificate.
+ */
+function checkedSystemCas(): Buffer | null {
+  const bundle = systemCaBundle();
+  if (bundle !== null && !holdsCertificate(bundle.pem)) {
+    const where = bundle.file === process.env.SSL_CERT_FILE ? "$SSL_CERT_FILE " : "";
+    throw new Error(
+      `tls: the system's CA bundle, ${where}${bundle.file}, holds no PEM certificate to ` +
+        "verify the gateway with (give caFile)",
+    );
+  }
+  return bundle?.pem ?? null;
 }
 
 /** One PEM of `TlsOptions`: its bytes, its file read now, or null when neither is given. */
@@ -369,7 +397,7 @@ export function tlsCredentials(tls: TlsOptions = {}): grpc.ChannelCredentials {
   }
   checkOptionNames(tls, TLS_OPTIONS, "TlsOptions", "tls");
   const ca = pemOf(tls.ca, tls.caFile, "ca");
-  if (ca !== null && !ca.includes("-----BEGIN CERTIFICATE-----")) {
+  if (ca !== null && !holdsCertificate(ca)) {
     // Node would take it and trust nothing: every handshake would blame the gateway.
     throw new Error(`tls: no PEM certificate in ${tls.caFile ?? "ca"}`);
   }
@@ -378,7 +406,7 @@ export function tlsCredentials(tls: TlsOptions = {}): grpc.ChannelCredentials {
   if ((cert === null) !== (key === null)) {
     throw new Error("tls: a client certificate and its key go together");
   }
-  return grpc.credentials.createSsl(ca ?? systemCaCertificates(), key, cert);
+  return grpc.credentials.createSsl(ca ?? checkedSystemCas(), key, cert);
 }
 
 export interface GatewayClientOptions {
@@ -561,6 +589,8 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   #cancelDetails = CANCELLED_ON_CLIENT;
   /** Set once a loop has read the call's every event: a later loop has none to read. */
   #isReadToEnd = false;
+  /** Set while a loop waits for the next event: another loop's would take some of them. */
+  #isAwaitingEvent = false;
   // A `#` field, as the client's key: util.inspect of the stream would otherwise show the
   // call, and in it the metadata the call was sent with, the caller key included.
   readonly #call: grpc.ClientReadableStream<Message>;
@@ -621,7 +651,7 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
   [Symbol.asyncIterator](): AsyncIterableIterator<Event> {
     const events = this.events();
     return {
-      next: () => events.next(),
+      next: () => this.nextOf(events),
       // Leaving the loop early (break, throw in the body, `return()`) cancels the call. Here
       // rather than in the generator's `finally`, which one left before its first `next()`
       // never runs: its call went on, for a later loop to read.
@@ -634,6 +664,27 @@ abstract class CallEvents<Message, Event> implements AsyncIterable<Event> {
         return this;
       },
     };
+  }
+
+  /**
+   * The next event of `events`, unless another loop is waiting for one: two loops at once
+   * split the events between them, each seeing some, or one none, as though the call had
+   * answered nothing (`Promise.all` of a text reader and a tool call reader, say). A
+   * first event read before the loop (`next()` on an iterator of its own) is no such race.
+   */
+  private nextOf(events: AsyncGenerator<Event, void>): Promise<IteratorResult<Event, void>> {
+    if (this.#isAwaitingEvent) {
+      return Promise.reject(
+        new TypeError(
+          `this ${this.constructor.name} is being read by another loop: each event goes to ` +
+            "one loop (read it in one, and share what it yields)",
+        ),
+      );
+    }
+    this.#isAwaitingEvent = true;
+    return events.next().finally(() => {
+      this.#isAwaitingEvent = false;
+    });
   }
 
   private async *events(): AsyncGenerator<Event, void> {

@@ -19,8 +19,11 @@
  * a value that begins with `--` only after an `=` (`--api-key=--KEY`): after a space it is
  * taken for the next option, and the one before it lacks its value.
  * A bad option (an unknown one too, or one without its value) exits 2, a failed call 1,
- * and one piped into a reader that left (`| head`) 141, as the Python CLI.
+ * one piped into a reader that left (`| head`) 141, and one whose output cannot be written
+ * (a full disk) 1, saying so, as the Python CLI.
  */
+import * as util from "node:util";
+
 import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
 
 interface Args {
@@ -157,21 +160,28 @@ function start(argv: string[]): { args: Args; client: GatewayClient } | null {
   }
 }
 
+/** Whether `error` is standard output's: a write that failed. */
+function isOutputError(error: unknown): error is NodeJS.ErrnoException {
+  return error instanceof Error && (error as NodeJS.ErrnoException).syscall === "write";
+}
+
 /**
- * A reader that left (`| head`) ends the program as SIGPIPE ends a C program, and the
- * Python CLI: exit 141, with no stack trace (Node emits EPIPE as an unhandled error).
+ * End the program as a failed write to standard output ends the Python CLI: a reader that
+ * left (`| head`) exits 141, as SIGPIPE ends a C program, saying nothing; any other failure
+ * (a full disk under `> answer.txt`) exits 1, saying so in one line. Node threw either as
+ * an unhandled error, a stack trace: a file's write fails at once, a pipe's as an event.
  */
-function exitWhenTheReaderLeaves(): void {
-  process.stdout.on("error", (error: NodeJS.ErrnoException) => {
-    if (error.code !== "EPIPE") {
-      throw error;
-    }
+function endForOutput(error: NodeJS.ErrnoException): never {
+  if (error.code === "EPIPE") {
     process.exit(141);
-  });
+  }
+  const reason = util.getSystemErrorMap().get(error.errno ?? 0)?.[1] ?? error.message;
+  console.error(`example: cannot write: ${reason}`);
+  process.exit(1);
 }
 
 async function main(): Promise<void> {
-  exitWhenTheReaderLeaves();
+  process.stdout.on("error", endForOutput);
   const started = start(process.argv.slice(2));
   if (started === null) {
     return;
@@ -202,6 +212,9 @@ async function main(): Promise<void> {
       }
     }
   } catch (error) {
+    if (isOutputError(error)) {
+      endForOutput(error);
+    }
     printError(error);
     process.exitCode = 1;
   } finally {

@@ -20,6 +20,8 @@ import type {
   FileDescriptorProto,
 } from "ts-proto-descriptors";
 
+import { types } from "node:util";
+
 import { protoMetadata } from "../../../generated/ts/llmgateway/v1/gateway";
 
 /** `FieldDescriptorProto.Type` and `.Label` numbers (google/protobuf/descriptor.proto). */
@@ -121,16 +123,57 @@ function shortName(typeName: string): string {
   return typeName.slice(typeName.lastIndexOf(".") + 1);
 }
 
-/** What a value is, for errors: its `typeof`, with null and arrays told apart. */
+/**
+ * Whether `value` is a built-in object that keeps what it holds out of its properties (a
+ * Map's entries, a Date's time): read as a message or a map, it is an empty object.
+ */
+function holdsNoProperties(value: object): boolean {
+  return (
+    types.isMap(value) ||
+    types.isSet(value) ||
+    types.isDate(value) ||
+    types.isWeakMap(value) ||
+    types.isWeakSet(value)
+  );
+}
+
+/**
+ * What a value is, for errors: its `typeof`, with null and arrays told apart, and a
+ * built-in that is no plain object by its class (`Map`, `Date`).
+ */
 export function kindOf(value: unknown): string {
   if (value === null) {
     return "null";
   }
-  return Array.isArray(value) ? "array" : typeof value;
+  if (Array.isArray(value)) {
+    return "array";
+  }
+  if (typeof value === "object" && holdsNoProperties(value)) {
+    return Object.prototype.toString.call(value).slice("[object ".length, -1);
+  }
+  return typeof value;
 }
 
+/**
+ * An object whose fields are its properties. Not a Map or a Date: `fromPartial` read them
+ * as an empty object, so `labels: new Map([["team", "search"]])` went out with no labels
+ * (a usage filter with none, every row), and `startTime: new Date()` as 1970.
+ */
 function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
+  return (
+    typeof value === "object" && value !== null && !Array.isArray(value) && !holdsNoProperties(value)
+  );
+}
+
+/** How to give what a Map or a Date holds as the object a field takes; "" for others. */
+function plainObjectHint(value: unknown): string {
+  if (types.isMap(value)) {
+    return " (Object.fromEntries(map) is one)";
+  }
+  if (types.isDate(value)) {
+    return " ({ seconds: Math.floor(date.getTime() / 1000), nanos: 0 } is one)";
+  }
+  return "";
 }
 
 function messageOf(typeName: string): DescriptorProto {
@@ -163,7 +206,9 @@ export function checkRequest(typeName: string, value: unknown, where = ""): void
   const message = messageOf(typeName);
   if (!isRecord(value)) {
     const named = where || "request";
-    throw new TypeError(`${named}: expected a ${message.name} object, got ${kindOf(value)}`);
+    throw new TypeError(
+      `${named}: expected a ${message.name} object, got ${kindOf(value)}${plainObjectHint(value)}`,
+    );
   }
   checkFields(message, value, where);
 }
@@ -232,7 +277,8 @@ function checkField(field: FieldDescriptorProto, value: unknown, where: string):
 function checkMap(entry: DescriptorProto, value: unknown, where: string): void {
   const valueField = entry.field.find((field) => field.name === "value");
   if (!isRecord(value) || valueField === undefined) {
-    throw new TypeError(`${where}: expected an object, got ${kindOf(value)}`);
+    const hint = plainObjectHint(value);
+    throw new TypeError(`${where}: expected an object, got ${kindOf(value)}${hint}`);
   }
   for (const [key, each] of Object.entries(value)) {
     checkOne(valueField, each, `${where}[${JSON.stringify(key)}]`);

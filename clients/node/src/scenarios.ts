@@ -27,6 +27,7 @@ import {
   GatewayCallError,
   GatewayClient,
   GatewayClientOptions,
+  GetUsageRequest,
   ReasoningEffort,
   STATUS_DETAILS_KEY,
   Role,
@@ -596,6 +597,8 @@ const BAD_REQUESTS: Record<string, (request: Json) => unknown> = {
   }),
   "content-number": (request) => ({ ...request, messages: [{ role: Role.ROLE_USER, content: 5 }] }),
   "label-number": (request) => ({ ...request, labels: { team: 5 } }),
+  // A map field's natural JavaScript type, whose entries are no properties.
+  "labels-map": (request) => ({ ...request, labels: new Map([["team", "search"]]) }),
   "stop-string": (request) => ({ ...request, params: { stop: "END" } }),
   "params-number": (request) => ({ ...request, params: 5 }),
   "message-null": (request) => ({ ...request, messages: [null] }),
@@ -830,6 +833,44 @@ async function readAgain(client: GatewayClient, args: Args): Promise<Json> {
   };
 }
 
+/** The events each of two loops begun together over `events` read, and how each ended. */
+async function readByTwoLoops(events: AsyncIterable<{ kind: string }>): Promise<Json> {
+  const loop = async (): Promise<Json> => {
+    const kinds: string[] = [];
+    const outcome = await outcomeOf(async () => {
+      for await (const event of events) {
+        kinds.push(event.kind);
+      }
+    });
+    return { kinds, outcome };
+  };
+  const [first, second] = await Promise.all([loop(), loop()]);
+  return { first, second };
+}
+
+/** The first event read on an iterator of its own, then the rest by a loop. */
+async function peekThenLoop(events: AsyncIterable<{ kind: string }>): Promise<Json> {
+  const peeked = await events[Symbol.asyncIterator]().next();
+  const kinds = peeked.done ? [] : [peeked.value.kind];
+  const outcome = await outcomeOf(async () => {
+    for await (const event of events) {
+      kinds.push(event.kind);
+    }
+  });
+  return { kinds, outcome };
+}
+
+async function readByTwo(client: GatewayClient, args: Args): Promise<Json> {
+  // A stream and a batch each read by two loops at once; a stream peeked, then read.
+  const request = { model: args.model, messages: messages("Say hi") };
+  const options = { timeoutMs: CALL_GUARD_MS };
+  return {
+    stream: await readByTwoLoops(client.completeStream(request, options)),
+    batch: await readByTwoLoops(client.completeBatch({ items: batchItems(args, 1) }, options)),
+    peeked: await peekThenLoop(client.completeStream(request, options)),
+  };
+}
+
 async function summarize(client: GatewayClient, args: Args): Promise<Json> {
   try {
     const response = await client.summarize(
@@ -874,6 +915,13 @@ async function usagePages(client: GatewayClient): Promise<Json> {
       client.getUsage({ model: "other-model", pageToken: first.nextPageToken }),
     ),
     notInt32: await outcomeOf(() => client.getUsage({ pageSize: 1.5 })),
+    // JavaScript's own types for a time and a map: a Timestamp and an object are taken.
+    startDate: await outcomeOf(() =>
+      client.getUsage({ startTime: new Date() } as unknown as GetUsageRequest),
+    ),
+    labelsMap: await outcomeOf(() =>
+      client.getUsage({ labels: new Map([["request_id", "r0"]]) } as unknown as GetUsageRequest),
+    ),
   };
 }
 
@@ -1022,6 +1070,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "stalled-stream": stalledStream,
   "leave-buffered": leaveBuffered,
   "late-stream": lateStream,
+  "read-by-two": readByTwo,
   "late-cut-stream": lateCutStream,
   "read-again": readAgain,
   "without-timeout": withoutTimeout,
