@@ -86,6 +86,48 @@ async def started_gateway_process(
                 await process.wait()
 
 
+async def listening_port(process: asyncio.subprocess.Process) -> int:
+    """The port `process`, or a process it started (a worker), listens on, read
+    from Linux's /proc: for a gateway given `listen: 127.0.0.1:0` that cannot print its
+    "listening on" line (its stdout closed). A port probed free and handed to it instead
+    may be bound by another test process first."""
+    async with asyncio.timeout(_STARTUP_TIMEOUT_S * 2):
+        while not (ports := _listening_ports(_process_tree(process.pid))):
+            assert process.returncode is None, f"the gateway exited with {process.returncode}"
+            await asyncio.sleep(0.05)
+    (port,) = ports
+    return port
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and every process under it."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            path = Path(f"/proc/{tree[index]}/task/{tree[index]}/children")
+            tree += map(int, path.read_text().split())
+        index += 1
+    return tree
+
+
+def _listening_ports(pids: list[int]) -> set[int]:
+    """The ports of the TCP sockets processes `pids` listen on (grpc's for 127.0.0.1 is
+    an IPv6 one, on the address mapped from it, where the kernel has IPv6)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    inodes.add(os.readlink(fd))
+    ports = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        with contextlib.suppress(FileNotFoundError):  # no IPv6
+            for fields in map(str.split, table.read_text().splitlines()[1:]):
+                if fields[3] == "0A" and f"socket:[{fields[9]}]" in inodes:  # 0A: listening
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def is_running(pid: int) -> bool:
     """Whether `pid` is alive and not a zombie (an orphan's exit is reaped by whoever
     adopted it, if anyone, so a dead process may linger as one)."""

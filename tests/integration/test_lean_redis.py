@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
+import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from tests.integration.pki import make_pki
 from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.integration.test_cache import settled
 from tests.redis_server import RedisServer
-from tests.redis_support import _free_port, _wait_until_listening, redis_url  # noqa: F401 - fixture
+from tests.redis_support import _free_port, redis_url  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.redis
 
@@ -421,27 +424,62 @@ def test_a_client_used_from_a_new_event_loop_connects_again_there(
 
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """A redis-server answering TLS only, its certificate for 127.0.0.1: (port, CA)."""
+    """A redis-server answering TLS only, its certificate for 127.0.0.1: (port, CA).
+
+    Its port, free when probed, may be bound by another test process (xdist) before the
+    server binds it: the server then exits at once, and starts again on another port."""
     pki = make_pki(tmp_path)
     binary = shutil.which("redis-server")
     assert binary is not None
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
-            "--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
-            "--tls-ca-cert-file", str(pki.ca), "--tls-auth-clients", "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    for attempt in range(3):
+        port = _free_port()
+        process = subprocess.Popen(
+            [
+                binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                "--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
+                "--tls-ca-cert-file", str(pki.ca), "--tls-auth-clients", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _wait_until_answering_tls(port, pki.ca, process, timeout_s=10.0)
+            break
+        except RuntimeError:
+            if process.poll() is None or attempt == 2:
+                process.kill()
+                process.wait(timeout=10)
+                raise
     try:
-        _wait_until_listening(port, process, timeout_s=10.0)
         yield port, pki.ca
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def _wait_until_answering_tls(
+    port: int, ca: Path, process: subprocess.Popen[bytes], timeout_s: float
+) -> None:
+    """Until the server answers PING over TLS with a certificate `ca` vouches for: not
+    merely a listener, which may be another process's on a port it took first."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("redis-server exited at startup")
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(7).startswith(b"+PONG"):
+                    return
+        except OSError:  # refused, not TLS, or not this certificate
+            pass
+        time.sleep(0.02)
+    raise RuntimeError("redis-server did not start answering")
 
 
 async def _answers(call: Callable[[], Awaitable[Any]]) -> Any:

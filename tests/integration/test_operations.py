@@ -33,6 +33,7 @@ from service.server import GatewayServer
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
+from tests.integration.gateway_process import listening_port
 from tests.redis_server import RedisServer
 from tests.secret_capture import record_emitted, register_secret
 
@@ -915,22 +916,25 @@ async def test_a_gateway_started_without_standard_output_stops_with_status_0(
     a clean drain the event loop aborted the process as it closed it: `uv__close:
     Assertion 'fd > STDERR_FILENO' failed`, SIGABRT, status 134 (and a core dump).
     """
-    port = _free_port()
-    path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
+    path = _write_config(tmp_path, upstream.base_url, listen="127.0.0.1:0")
     process = await asyncio.create_subprocess_exec(
         *_without_descriptors(*closed),
         sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", workers,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
     )  # fmt: skip
-    await _answers_then_stops(process, port)
+    await _answers_then_stops(process, await _listening_port(process))
     assert process.returncode == 0
 
 
-def _free_port() -> int:
-    """A port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+async def _listening_port(process: asyncio.subprocess.Process) -> int:
+    """The port the gateway `process` serves on; killed if it never does."""
+    try:
+        return await listening_port(process)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        raise
 
 
 async def _answers_then_stops(process: asyncio.subprocess.Process, port: int) -> bytes:
@@ -1286,8 +1290,7 @@ async def test_a_gateway_whose_output_pipe_has_no_reader_serves_and_stops_with_s
     is lost; the gateway serves and SIGTERM ends it with 0, nothing on stderr but logs.
 
     Before, the line's BrokenPipeError stopped the server at once, with a traceback."""
-    port = _free_port()
-    path = _write_config(tmp_path, upstream.base_url, listen=f"127.0.0.1:{port}")
+    path = _write_config(tmp_path, upstream.base_url, listen="127.0.0.1:0")
     read_end, write_end = os.pipe()
     os.close(read_end)  # no reader: a write to the pipe fails EPIPE
     try:
@@ -1297,7 +1300,7 @@ async def test_a_gateway_whose_output_pipe_has_no_reader_serves_and_stops_with_s
         )  # fmt: skip
     finally:
         os.close(write_end)
-    stderr = await _answers_then_stops(process, port)
+    stderr = await _answers_then_stops(process, await _listening_port(process))
     assert process.returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr
     assert b"BrokenPipeError" not in stderr

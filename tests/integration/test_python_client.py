@@ -221,16 +221,15 @@ async def test_leaving_a_stream_early_closes_the_upstream_request(
     The stream object stays referenced (as when a caller means to read `.final`) and the
     client stays open: nothing but the client itself can end the call.
     """
-    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=0.25))
+    upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=3.0))
     async with GatewayClient(gateway.server.address) as client:
-        started = time.monotonic()
         stream = client.stream("Tell a story", model=FAKE_MODEL)
         async for text in stream:
             assert text
             break
-        await upstream.wait_for_disconnect(timeout_s=2.0)
-        # The upstream would have streamed for about 5 s; it saw the close long before.
-        assert time.monotonic() - started < 20 * 0.25
+        # The upstream would have streamed for a minute: a disconnect is counted only when
+        # its client leaves before the end, and this one comes well within that.
+        await upstream.wait_for_disconnect(timeout_s=30.0)
         assert stream.final is None
         async with asyncio.timeout(5):
             while gateway.server.admission.in_flight:
@@ -243,18 +242,17 @@ async def test_leaving_a_batch_early_closes_its_upstream_requests(
 ) -> None:
     """Breaking out of complete_batch cancels the call and the items still in flight, also
     with its results held in a variable while the loop breaks (as a stream may be)."""
-    upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=5))
+    upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=60))
     items = [
         pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
     ]
     async with GatewayClient(gateway.server.address) as client:
-        started = time.monotonic()
         held = client.complete_batch(items, concurrency=2) if is_held else None
         async for event in held or client.complete_batch(items, concurrency=2):
             assert event.result.response.content == "fast"
             break
-        await upstream.wait_for_disconnect(timeout_s=2.0)
-        assert time.monotonic() - started < 5
+        # Counted only for a request its client leaves before the answer, due in a minute.
+        await upstream.wait_for_disconnect(timeout_s=30.0)
         async with asyncio.timeout(5):
             while gateway.server.admission.in_flight:
                 await asyncio.sleep(0.01)
@@ -793,14 +791,14 @@ async def test_an_upstream_failure_no_retry_can_mend_is_not_retried_by_the_calle
     would have succeeded against the provider's wish, as the fake answers again)."""
     gateway = await start_gateway(gateway_config(upstream.base_url, resilience={"attempts": 1}))
     upstream.script(refusal)
-    async with GatewayClient(gateway.server.address, timeout_s=3.0) as client:
+    async with GatewayClient(gateway.server.address, timeout_s=20.0) as client:
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.complete("Say hi", model=FAKE_MODEL)
         elapsed_s = time.monotonic() - started
     details = error_details(refused.value)
     assert (details.code, details.reason) == ("UNAVAILABLE", reason)
-    assert elapsed_s < 1.5
+    assert elapsed_s < 10  # not the policy's retries nor the 60 s wait: far past any load
     assert len(upstream.requests) == 1
 
 
@@ -873,7 +871,7 @@ async def test_a_refusal_the_deadline_cannot_wait_out_arrives_at_once(
     until a bare DEADLINE_EXCEEDED."""
     gateway = await start_gateway(gateway_config(upstream.base_url, **sections))
     upstream.script(Reply(), refusal)
-    deadline_s = 3.0
+    deadline_s = 20.0  # short of every refusal's wait; half of it is past any load
     async with GatewayClient(gateway.server.address, timeout_s=deadline_s) as client:
         await client.complete("Say hi", model=FAKE_MODEL)
         started = time.monotonic()
