@@ -54,8 +54,9 @@ class _NotGguf(Exception):
 class ModelFileHeader:
     """What the header of a GGUF model file tells: why llama.cpp could not load the file
     (`model_file_problem`; None when whole as far as its header tells), and its
-    `chat_template.NAME` formats (`chat_templates`; None when its header cannot be read
-    as a GGUF llama.cpp loads)."""
+    `chat_template.NAME` formats (`chat_templates`; None when its metadata cannot be read
+    whole as a GGUF llama.cpp loads: a file cut short in its tensor list, which comes
+    after, still has them)."""
 
     problem: str | None
     chat_templates: frozenset[str] | None
@@ -135,11 +136,18 @@ def _header(file: BinaryIO, path: Path, size: int) -> ModelFileHeader:
         )
         return ModelFileHeader(problem, None)
     file.seek(0)
+    cut_short = f"{path} is cut short or corrupt: its GGUF header does not read to its end"
     try:
-        needed, templates = _walk(file)
+        tensors, alignment, templates = _walk_metadata(file)
     except (_NotGguf, struct.error, UnicodeDecodeError):
-        problem = f"{path} is cut short or corrupt: its GGUF header does not read to its end"
-        return ModelFileHeader(problem, None)
+        return ModelFileHeader(cut_short, None)
+    if file.tell() > size:  # a value skipped past the file's end: the metadata is cut
+        return ModelFileHeader(cut_short, None)
+    try:
+        needed = _data_end(file, tensors, alignment)
+    except (_NotGguf, struct.error):
+        # The tensor list comes after the metadata: its templates were read whole.
+        return ModelFileHeader(cut_short, templates)
     if needed > size:
         problem = (
             f"{path} is cut short: it holds {size} bytes, where its tensors end at byte "
@@ -149,9 +157,9 @@ def _header(file: BinaryIO, path: Path, size: int) -> ModelFileHeader:
     return ModelFileHeader(None, templates)
 
 
-def _walk(file: BinaryIO) -> tuple[int, frozenset[str]]:
-    """How long a file whose header `file` reads must be to hold every tensor it lists,
-    and the `chat_template.NAME` formats of its metadata."""
+def _walk_metadata(file: BinaryIO) -> tuple[int, int, frozenset[str]]:
+    """The tensor count, the data's alignment and the `chat_template.NAME` formats of the
+    header `file` reads from its start, read up to its tensor list."""
     tensors, entries = _counts(file)
     alignment = _DEFAULT_ALIGNMENT
     templates = []
@@ -164,11 +172,17 @@ def _walk(file: BinaryIO) -> tuple[int, frozenset[str]]:
             alignment = _read(file, "<I") or _DEFAULT_ALIGNMENT
         else:
             _skip_value(file, kind)
+    return tensors, alignment, frozenset(templates)
+
+
+def _data_end(file: BinaryIO, tensors: int, alignment: int) -> int:
+    """How long a file must be to hold every one of the `tensors` whose entries `file`
+    reads next, their data aligned to `alignment`."""
     ends = [_tensor_end(file) for _ in range(tensors)]
     if not ends:  # a file of metadata alone needs no padding to its (empty) data
-        return file.tell(), frozenset(templates)
+        return file.tell()
     data_start = -(-file.tell() // alignment) * alignment
-    return data_start + max(ends), frozenset(templates)
+    return data_start + max(ends)
 
 
 def _tensor_end(file: BinaryIO) -> int:

@@ -452,12 +452,14 @@ class Pipeline:
             return dataclasses.replace(
                 reported,
                 input_tokens=input_tokens,
-                output_tokens=reported.output_tokens or self._output_estimate(prepared, output),
+                output_tokens=reported.output_tokens
+                or self._output_estimate(prepared, output, input_tokens),
                 cached_input_tokens=min(reported.cached_input_tokens, input_tokens),
             )
+        input_tokens = self._billed_prompt_tokens(prepared)
         return Usage(
-            input_tokens=self._billed_prompt_tokens(prepared),
-            output_tokens=self._output_estimate(prepared, output),
+            input_tokens=input_tokens,
+            output_tokens=self._output_estimate(prepared, output, input_tokens),
             is_estimated=True,
         )
 
@@ -472,14 +474,22 @@ class Pipeline:
             request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
         )
 
-    def _output_estimate(self, prepared: PreparedRequest, output: _Output) -> int:
-        # The model wrote at most `max_tokens`, and never more than its window, whatever
-        # the characters suggest. The cap also bounds how much of a long answer is read:
+    def _output_estimate(
+        self, prepared: PreparedRequest, output: _Output, input_tokens: int
+    ) -> int:
+        # The model wrote at most `max_tokens`, and no more than its window leaves after
+        # the prompt (the window holds both), whatever the characters suggest. The prompt
+        # is taken as charged (`input_tokens`), so that a call is never charged more than a
+        # whole window in all. The text's own estimate may pass that room, but the room
+        # still bounds it: the estimate runs over the real count (up to 2x), and the text
+        # the model wrote fit the room. Never below 0: a prompt the upstream took can be
+        # estimated past the window. The cap also bounds how much of a long answer is read:
         # estimating holds the event loop (about 0.1 s a MB), and streams cut together
         # by their deadlines would hold it for all their text.
-        limit = prepared.request.params.max_tokens
-        if limit is None:
-            limit = self.context_window(prepared.request.model)
+        request = prepared.request
+        room = max(self.context_window(request.model) - input_tokens, 0)
+        limit = request.params.max_tokens
+        limit = room if limit is None else min(limit, room)
         return estimate_output_tokens(
             output.content, output.tool_calls, output.reasoning, limit=limit
         )

@@ -88,8 +88,11 @@ _DEFAULT_MAX_TOKENS = 256  # tokens reserved for the answer when the request set
 RESTARTING = "restarting"
 # Why a call that uses tools skips an upstream with `takes_tools: false`.
 TAKES_NO_TOOLS = "takes no tools"
-# Why a call skips an upstream whose circuit breaker is open.
+# Why a call skips an upstream whose own circuit breaker is open (every model it serves).
 CIRCUIT_OPEN = "circuit open"
+# Why a call skips an upstream whose breaker for the call's model is open (the upstream
+# still serves its other models): one model failing there, not the provider down.
+MODEL_CIRCUIT_OPEN = "circuit open for this model"
 # Why a call skips an upstream that answered it has no such model (`UpstreamLacksModel`).
 LACKS_MODEL = "model not served there"
 
@@ -433,6 +436,17 @@ def _why_ruled_out(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamLacksModel):
         return LACKS_MODEL
     return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
+
+
+def _is_circuit_open(why: str) -> bool:
+    """Whether `why` a call skipped an upstream is an open breaker (its own or the model's)."""
+    return why in (CIRCUIT_OPEN, MODEL_CIRCUIT_OPEN)
+
+
+def _circuit_open(breaker: RouteBreaker) -> str:
+    """Which open circuit keeps a call off `breaker`'s route: the upstream's own when it
+    refuses (it keeps every model off), else the model's."""
+    return CIRCUIT_OPEN if not breaker.upstream.allows() else MODEL_CIRCUIT_OPEN
 
 
 def _restarting(plan: _CallPlan) -> str:
@@ -921,7 +935,7 @@ class UpstreamPool:
         probe: RouteProbe | None = None
         if not (breaker.upstream.is_closed and breaker.model.is_closed):  # closed: acquired
             if not breaker.acquire():
-                plan.exclude(route, CIRCUIT_OPEN)
+                plan.exclude(route, _circuit_open(breaker))
                 return None
             probe = breaker.claimed_probe()
         longest_wait = state.max_limit_wait_s
@@ -963,7 +977,7 @@ class UpstreamPool:
             is_admitted, probe = breaker.reclaim(probe)
             if not is_admitted:
                 state.limiter.give_back(tokens)
-                plan.exclude(route, CIRCUIT_OPEN)
+                plan.exclude(route, _circuit_open(breaker))
                 return None
         # A retry follows an attempt of this call on this upstream that was sent and
         # failed; a route skipped before any was sent (the gateway's own limits, an open
@@ -1122,7 +1136,7 @@ class UpstreamPool:
         retry_delays = [
             self._retry_delay_s(r)
             for r in plan.order
-            if plan.excluded.get(r.client.name, CIRCUIT_OPEN) == CIRCUIT_OPEN
+            if _is_circuit_open(plan.excluded.get(r.client.name, CIRCUIT_OPEN))
             and r.client.name not in set_aside
         ]
         error = UpstreamUnavailable(
@@ -1160,6 +1174,9 @@ class UpstreamPool:
             breaker = route.breaker.model
             if breaker.allows():
                 return None
+            if breaker.state is BreakerState.OPEN:
+                return MODEL_CIRCUIT_OPEN
+            return "circuit half-open for this model, its probe running"
         if breaker.is_key_rejected:
             return "rejected the gateway's key"
         if breaker.state is BreakerState.OPEN:

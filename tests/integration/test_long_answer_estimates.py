@@ -2,7 +2,8 @@
 
 Estimating holds the event loop (about 0.1 s a MB), so the output estimate of an answer
 its upstream reported no usage for reads no more of it than `max_tokens`, or else the
-model's window, needs: the model wrote at most that many tokens.
+room the prompt leaves in the model's window, needs: the model wrote at most that many
+tokens.
 """
 
 from __future__ import annotations
@@ -54,5 +55,22 @@ async def test_a_long_answer_without_usage_is_estimated_up_to_its_cap(
     await _call(gateway, mode, pb.GenerationParams(max_tokens=max_tokens))
     total = await recorded(gateway, requests=1)
     assert total.usage.estimated
-    assert total.usage.output_tokens == (max_tokens or WINDOW)
+    # Before, the whole window (4,096 output tokens beside a 9-token prompt): the window
+    # holds the prompt and the answer together.
+    assert total.usage.output_tokens == (max_tokens or WINDOW - total.usage.input_tokens)
+    assert 0 < total.usage.input_tokens < 100
+    assert sum(estimator_reads) <= len(TEXT) // 8
+
+
+async def test_a_long_answer_reporting_its_prompt_alone_is_estimated_up_to_the_room_left(
+    upstream: FakeUpstream, start_gateway: Any, estimator_reads: list[int]
+) -> None:
+    """An answer whose usage reports its prompt tokens and not its output: the output is
+    estimated up to what that reported prompt leaves of the window, not the whole window."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    upstream.script(Reply(content=TEXT, chunks=8, raw_usages=({"prompt_tokens": 1000},)))
+    await _call(gateway, "unary", pb.GenerationParams())
+    total = await recorded(gateway, requests=1)
+    assert total.usage.estimated
+    assert (total.usage.input_tokens, total.usage.output_tokens) == (1000, WINDOW - 1000)
     assert sum(estimator_reads) <= len(TEXT) // 8

@@ -60,11 +60,13 @@ async def fails(gateway: RunningGateway, request: pb.CompleteRequest) -> grpc.ai
 
 async def test_a_models_5xx_opens_its_breaker_alone(start_gateway, caplog):
     """model-a's 500s open model-a's breaker on up0: its next call is refused without an
-    attempt and told to come back after the cool-down, while model-b's calls still go to
-    up0 at the first attempt. ListModels, the breaker gauge and the log name the model.
+    attempt, saying the circuit is open for this model (not up0's own, which keeps every
+    model off), and told to come back after the cool-down, while model-b's calls still go
+    to up0 at the first attempt. ListModels, the breaker gauge and the log name the model.
 
     Before, up0 had one breaker: model-a's 500s opened it and model-b, healthy, was
-    refused as well (`up0 (circuit open)`)."""
+    refused as well (`up0 (circuit open)`); then, with a breaker per model, model-a's
+    refusal still said `up0 (circuit open)`, as for an upstream down for every model."""
     caplog.set_level(logging.INFO, logger="llm_gateway.breaker")
     captured = captured_telemetry()
     async with ScriptedUpstream(respond=failing_for(MODEL_A)) as fake:
@@ -76,7 +78,7 @@ async def test_a_models_5xx_opens_its_breaker_alone(start_gateway, caplog):
             failed = await fails(gateway, chat(model=MODEL_A))
             assert failed.code() is grpc.StatusCode.UNAVAILABLE
         refused = await fails(gateway, chat(model=MODEL_A))
-        assert "up0 (circuit open)" in refused.details()
+        assert "up0 (circuit open for this model)" in refused.details()
         assert error_info(refused).metadata["attempts"] == "0"
         delay_s = retry_delay_s(refused)
         assert delay_s is not None
@@ -115,7 +117,7 @@ async def test_a_refused_connection_opens_the_upstreams_own_breaker_for_every_mo
         failed = await fails(gateway, chat(model=MODEL_A))
         assert error_info(failed).metadata["attempts"] == "1"
     refused = await fails(gateway, chat(model=MODEL_B))
-    assert "up0 (circuit open)" in refused.details()
+    assert "up0 (circuit open)" in refused.details()  # up0's own: not "for this model"
     assert error_info(refused).metadata["attempts"] == "0"
     pool = gateway.server.pipeline.pool
     assert pool.state("up0").breaker.state is BreakerState.OPEN
@@ -133,9 +135,9 @@ async def test_a_refused_connection_opens_the_upstreams_own_breaker_for_every_mo
 
 async def test_a_models_breaker_recovers_by_its_own_probe(start_gateway):
     """model-a's breaker, half-open after its cool-down, lets one probe through: while
-    it runs another model-a call is refused (`its probe running`) and model-b's calls go
-    on to up0; the probe's answer closes model-a's breaker, and model-a's calls reach up0
-    again."""
+    it runs another model-a call is refused (`circuit half-open for this model, its probe
+    running`) and model-b's calls go on to up0; the probe's answer closes model-a's
+    breaker, and model-a's calls reach up0 again."""
     behaviours = {"fail": Status(500)}
     async with GatedUpstream(respond=lambda body: behaviours.get(user_text(body))) as fake:
         for text in ("fail", "b", "after"):
@@ -151,7 +153,7 @@ async def test_a_models_breaker_recovers_by_its_own_probe(start_gateway):
         probe = gateway.stub.Complete(chat("probe", model=MODEL_A))
         assert await settle(lambda: fake.in_flight == 1)
         refused = await fails(gateway, chat("refused", model=MODEL_A))
-        assert "its probe running" in refused.details()
+        assert "up0 (circuit half-open for this model, its probe running)" in refused.details()
         answered = await gateway.stub.Complete(chat("b", model=MODEL_B))
         assert (answered.metadata.upstream, answered.metadata.attempts) == ("up0", 1)
         assert await health(gateway) == {

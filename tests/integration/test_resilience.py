@@ -708,7 +708,7 @@ async def test_a_lack_of_the_model_beside_an_open_breaker_is_unavailable(start_g
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
         assert refused.value.details().startswith(
             "no upstream for model 'fake-model' is available: "
-            "up0 (model not served there), up1 (circuit open)"
+            "up0 (model not served there), up1 (circuit open for this model)"
         )
         metadata, reason, retry_s = error_details(refused.value)
         assert (reason, metadata["attempts"]) == ("UPSTREAM_UNAVAILABLE", "0")
@@ -2220,10 +2220,10 @@ async def test_a_call_queued_for_a_slot_is_not_sent_once_the_breaker_opened(mode
 async def test_a_call_whose_every_upstream_opened_as_it_waited_is_told_their_cool_down(
     mode, start_gateway
 ):
-    """A call waits for up0's one slot, whose call's 503 opens up0's breaker; it moves to
-    up1, waits for its one slot, and that call's 503 opens up1's. Refused with no attempt,
-    both named `circuit open`, it is told to come back as their cool-down ends, as a call
-    finding them open is.
+    """A call waits for up0's one slot, whose call's 503 opens the model's breaker there;
+    it moves to up1, waits for its one slot, and that call's 503 opens the model's there.
+    Refused with no attempt, both named `circuit open for this model`, it is told to come
+    back as their cool-down ends, as a call finding them open is.
 
     Before, left out of both as it waited, neither counted for its RetryInfo: it was told
     the first backoff (and a pushback of 20 ms) while both stayed open for a minute."""
@@ -2257,7 +2257,10 @@ async def test_a_call_whose_every_upstream_opened_as_it_waited_is_told_their_coo
         await asyncio.gather(*first)
         assert isinstance(refused, grpc.aio.AioRpcError), type(refused)
         assert refused.code() is grpc.StatusCode.UNAVAILABLE
-        assert "up0 (circuit open), up1 (circuit open)" in refused.details()
+        assert (
+            "up0 (circuit open for this model), up1 (circuit open for this model)"
+            in refused.details()
+        )
         metadata, reason, retry_s = error_details(refused)
         assert (reason, metadata["attempts"]) == ("UPSTREAM_UNAVAILABLE", "0")
         assert retry_s == pytest.approx(60.0, abs=5.0)

@@ -1120,7 +1120,7 @@ async def test_a_call_whose_tools_upstream_is_cooling_down_names_both_reasons(
         await gateway.stub.Complete(_request())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "up0 (takes no tools)" in caught.value.details()
-    assert "up1 (circuit open)" in caught.value.details()
+    assert "up1 (circuit open for this model)" in caught.value.details()
     assert error_info(caught.value).metadata["upstream"] == "up1"
     assert 20 < retry_delay_s(caught.value) <= 30
     assert (upstream.requests, len(second_upstream.requests)) == ([], sent)

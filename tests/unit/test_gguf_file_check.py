@@ -1,5 +1,5 @@
 """`model_file_problem`: a local model file that is no GGUF llama.cpp could load is named
-with its reason, read from its header alone."""
+with its reason, read from its header alone; `chat_templates`, read in the same walk."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.gguf import model_file_problem
+from service.gguf import chat_templates, model_file_problem
 from tests.gguf_files import gguf_with, whole_gguf
 
 _WHOLE = whole_gguf({"general.architecture": "gemma3"}, tensors=3)
@@ -46,6 +46,30 @@ def test_a_whole_gguf_passes(tmp_path: Path, content: bytes) -> None:
     model = tmp_path / "model.gguf"
     model.write_bytes(content)
     assert model_file_problem(model) is None
+
+
+def test_a_file_cut_short_in_its_tensor_list_still_has_its_chat_templates(
+    tmp_path: Path,
+) -> None:
+    """The templates are metadata, which comes before the tensor list: a file cut short
+    inside that list has its problem named and its templates read, as a file whose data
+    alone is cut short does. One cut inside its metadata has none.
+
+    Before, since the header was walked once for both, a cut inside the tensor list made
+    `chat_templates` None, where reading the metadata alone had found them."""
+    metadata = {"tokenizer.chat_template": "{{x}}", "tokenizer.chat_template.tool_use": "{{y}}"}
+    header = gguf_with(metadata, tensors=3)
+    metadata_end = len(gguf_with(metadata))
+    expected = frozenset({"chat_template.default", "chat_template.tool_use"})
+    for cut, problem, templates in [
+        (header[: metadata_end + 20], "is cut short or corrupt", expected),
+        (header, "is cut short: it holds", expected),
+        (header[: metadata_end - 1], "is cut short or corrupt", None),
+    ]:
+        model = tmp_path / f"model-{len(cut)}.gguf"
+        model.write_bytes(cut)
+        assert (model_file_problem(model) or "").startswith(f"{model} {problem}")
+        assert chat_templates(model) == templates
 
 
 def test_the_shipped_model_file_passes() -> None:
