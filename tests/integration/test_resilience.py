@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import math
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from tests.fake_upstream import (
     Status,
 )
 from tests.integration.helpers import error_info
+from tests.ports import refusing_port
 from tests.scripted_upstream import GatedUpstream, ScriptedUpstream, user_text
 
 # Small waits keep the matrix fast; the bounds below are generous for a loaded 2-core box.
@@ -181,14 +181,6 @@ MATRIX = [
 ]
 
 
-def closed_port_url() -> str:
-    """A loopback URL nothing listens on (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
 def error_details(error: grpc.aio.AioRpcError) -> tuple[dict[str, str], str, float | None]:
     """(ErrorInfo metadata, ErrorInfo reason, RetryInfo seconds) from a failed call."""
     metadata: dict[str, str] = {}
@@ -254,7 +246,8 @@ async def upstreams_for(row: Row) -> AsyncIterator[tuple[list[str], list[FakeUps
         fakes: list[FakeUpstream] = []
         for index, script in enumerate(row.scripts):
             if script == REFUSED:
-                urls.append(closed_port_url())
+                port = stack.enter_context(refusing_port())
+                urls.append(f"http://127.0.0.1:{port}/v1")
                 continue
             default = row.default if index == 0 else None
             fake = await stack.enter_async_context(
