@@ -21,6 +21,7 @@ from service import tokens
 from service.config import GatewayConfig, parse_config
 from service.server import GatewayServer
 from tests.fake_upstream import FakeUpstream
+from tests.ports import refusing_port
 from tests.redis_server import limits_redis_url, redis_server  # noqa: F401  (fixtures)
 from tests.secret_capture import (  # noqa: F401  (the secret grep's fixture and hooks)
     capture_emitted_logs,
@@ -186,6 +187,13 @@ def estimator_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(tokens, "_estimate", counting)
     return lengths
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the test (`refusing_port`)."""
+    with refusing_port() as port:
+        yield port
 
 
 @pytest.fixture

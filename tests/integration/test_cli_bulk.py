@@ -697,14 +697,7 @@ async def test_summarize_reads_a_document_that_is_not_utf8_from_stdin(
     assert "Caf\ufffd ol\ufffd" in user_text(scripted.requests[0].body)
 
 
-def closed_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def test_check_reports_every_upstream(tmp_path, monkeypatch, capsys):
+async def test_check_reports_every_upstream(tmp_path, monkeypatch, capsys, refused_port):
     """`check` shows valid, rejected, unreachable and skipped upstreams, and fails on any."""
     async with FakeUpstream(models=(FAKE_MODEL, "other"), api_key="sk-right") as fake:
         config = tmp_path / "gateway.yaml"
@@ -713,7 +706,7 @@ async def test_check_reports_every_upstream(tmp_path, monkeypatch, capsys):
 upstreams:
   - {{name: good, base_url: "{fake.base_url}", api_key_env: GOOD_KEY, models: [{FAKE_MODEL}]}}
   - {{name: badkey, base_url: "{fake.base_url}", api_key_env: BAD_KEY, models: [missing-model]}}
-  - {{name: down, base_url: "http://127.0.0.1:{closed_port()}/v1", models: [{FAKE_MODEL}]}}
+  - {{name: down, base_url: "http://127.0.0.1:{refused_port}/v1", models: [{FAKE_MODEL}]}}
   - {{name: unset, base_url: "{fake.base_url}", api_key_env: UNSET_KEY, models: [x]}}
 """
         )
@@ -1344,8 +1337,8 @@ async def test_check_refuses_worker_metrics_ports_past_65535_as_serve_does(
         ),
     ],
 )
-async def test_a_prometheus_port_on_the_gateways_own_port_is_a_config_error(
-    tmp_path, capsys, server, metrics_port, problem
+async def test_a_prometheus_port_on_the_gateways_own_port_is_a_config_error(  # noqa: PLR0917
+    tmp_path, capsys, server, metrics_port, problem, refused_port
 ):
     """A Prometheus endpoint (a worker's too) on the port `server.listen` or
     `server.health_listen` listens on is a config error on `telemetry.prometheus_port`
@@ -1355,9 +1348,7 @@ async def test_a_prometheus_port_on_the_gateways_own_port_is_a_config_error(
     "cannot listen on 127.0.0.1:PORT: the address is taken or not local", the gateway
     having taken its own port.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = refused_port  # held: no other test's server listens there meanwhile
     ports = {"PREVIOUS": str(port - 1), "PORT": str(port)}
     config = tmp_path / "gateway.yaml"
     config.write_text(

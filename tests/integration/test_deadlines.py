@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -11,20 +10,20 @@ import pytest
 from tests.conftest import chat, chat_stream
 from tests.fake_upstream import Hang, Reply
 
-# Real time is unavoidable here; every bound is a ratio of this unit.
+# Real time is unavoidable here; the waits are ratios of this unit.
 UNIT_S = 0.5
+# How long an upstream request may stay open after its call ended: a gateway that left it
+# open would hold it to the upstream's timeout_s (10 s), or a stream to its end.
+HUNG_UP_WITHIN_S = 6.0
 
 
 async def test_deadline_ends_unary_call_and_closes_upstream_request(stub, upstream):
     """A hanging upstream gives DEADLINE_EXCEEDED at the caller's deadline, and is hung up on."""
     upstream.script(Hang())
-    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Complete(chat(), timeout=UNIT_S)
-    elapsed = time.monotonic() - started
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert elapsed < 4 * UNIT_S
-    await upstream.wait_for_disconnect(timeout_s=4 * UNIT_S)
+    await upstream.wait_for_disconnect(timeout_s=HUNG_UP_WITHIN_S)
     assert upstream.disconnects == 1
 
 
@@ -37,7 +36,7 @@ async def test_deadline_ends_stream_mid_way_and_closes_upstream(stub, upstream):
             received += 1
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 1 <= received < 8
-    await upstream.wait_for_disconnect(timeout_s=4 * UNIT_S)
+    await upstream.wait_for_disconnect(timeout_s=HUNG_UP_WITHIN_S)
 
 
 async def test_cancelled_unary_call_closes_upstream_request(stub, upstream):
@@ -49,7 +48,7 @@ async def test_cancelled_unary_call_closes_upstream_request(stub, upstream):
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await upstream.wait_for_disconnect(timeout_s=4 * UNIT_S)
+    await upstream.wait_for_disconnect(timeout_s=HUNG_UP_WITHIN_S)
     assert upstream.disconnects == 1
 
 
@@ -60,7 +59,7 @@ async def test_cancelled_stream_closes_upstream_request(stub, upstream):
     first = await call.read()
     assert first.delta.content
     call.cancel()
-    await upstream.wait_for_disconnect(timeout_s=4 * UNIT_S)
+    await upstream.wait_for_disconnect(timeout_s=HUNG_UP_WITHIN_S)
     assert upstream.disconnects == 1
 
 

