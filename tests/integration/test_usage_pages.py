@@ -82,6 +82,12 @@ async def record(
     for start in range(0, len(entries), _RECORDED_AT_ONCE):
         batch = entries[start : start + _RECORDED_AT_ONCE]
         await asyncio.gather(*(ledger.record(entry) for entry in batch))
+    # A row Redis was too slow for (a loaded machine: `ledger.record_failed`) is sent again
+    # once its cool-down ends, as a served call's is: the pages are read after it lands.
+    late = getattr(ledger, "late_releases", None)  # the Redis ledger's; memory has none
+    async with asyncio.timeout(60):
+        while late is not None and late.pending:
+            await asyncio.sleep(0.05)
 
 
 def key_of(row: pb.UsageRow) -> RowKey:
