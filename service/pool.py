@@ -613,9 +613,13 @@ class UpstreamPool:
     def breaker(self, upstream: str, model: str) -> RouteBreaker:
         """The breakers a call to `model` on `upstream` passes; raises `ModelNotFound` when
         none serves it, `KeyError` when `upstream` does not."""
+        return self._route(upstream, model).breaker
+
+    def _route(self, upstream: str, model: str) -> Route:
+        """The route to `model` on `upstream`; raises as `breaker` does."""
         for route in self.routes(model):
             if route.client.name == upstream:
-                return route.breaker
+                return route
         raise KeyError(upstream)
 
     def begin_stopping(self) -> None:
@@ -652,12 +656,12 @@ class UpstreamPool:
         state = self._states[upstream]
         if upstream in self._down:
             breaker = BreakerState.OPEN
-        elif model is not None and self._lacking and self._is_lacking(upstream, model):
-            breaker = BreakerState.OPEN  # passed over for the model (`_lacking_upstreams`)
         elif model is None:
             breaker = state.breaker.state
         else:
-            breaker = self.breaker(upstream, model).state
+            route = self._route(upstream, model)
+            # Passed over for the model (`_lacking_upstreams`), else as its breakers say.
+            breaker = BreakerState.OPEN if self._is_lacking(route) else route.breaker.state
         return breaker, state.limiter.in_flight
 
     def toolless_upstreams(self, request: ChatRequest) -> frozenset[str]:
@@ -725,13 +729,10 @@ class UpstreamPool:
                 lacking.add(name)
         return frozenset(lacking) if has_others else frozenset()
 
-    def _is_lacking(self, upstream: str, model: str) -> bool:
-        """Whether `upstream` was found lacking `model` lately (for ListModels)."""
-        for route in self.routes(model):
-            if route.client.name == upstream:
-                until = self._lacking.get((upstream, route.upstream_model))
-                return until is not None and until > self._clock.now()
-        return False
+    def _is_lacking(self, route: Route) -> bool:
+        """Whether `route`'s upstream was found lacking its model lately (for ListModels)."""
+        until = self._lacking.get((route.client.name, route.upstream_model))
+        return until is not None and until > self._clock.now()
 
     def _remember_lack(self, route: Route) -> None:
         """`route`'s upstream answered that it has no such model: passed over for it for
