@@ -30,8 +30,6 @@ from service.telemetry.tracing import (  # noqa: E402
     mark_multi_call_rpc,
     ms_since_rpc_start,
     rpc_queued_ms,
-    set_rpc_queued_ms,
-    set_rpc_time_to_first_token,
 )
 
 __all__ = [
@@ -50,6 +48,4 @@ __all__ = [
     "record_upstream_error",
     "rpc_queued_ms",
     "set_breaker_state",
-    "set_rpc_queued_ms",
-    "set_rpc_time_to_first_token",
 ]

@@ -256,9 +256,10 @@ def timed_from_arrival(timings: ResponseTimings) -> None:
     before, and its caller waited with it, that wait counted as queued too. The RPC span's
     time to first token and queued time say the same.
 
-    Here, beside the RPC's scope, rather than through `ms_since_rpc_start`,
-    `rpc_queued_ms` and the two setters below: every unary response and stream's end comes
-    here, a frame each.
+    Here, beside the RPC's scope, rather than through `ms_since_rpc_start` and
+    `rpc_queued_ms`: every unary response and stream's end comes here, a frame each. The
+    span's figures are set where its completion set them, and its queued time on a
+    batch's or summary's span too, which none sets.
     """
     scope = CURRENT_RPC.get()
     if scope is None:
@@ -287,21 +288,12 @@ def rpc_queued_ms() -> float:
 
 def mark_multi_call_rpc() -> None:
     """Mark the current RPC as one that makes several upstream calls (`CompleteBatch`,
-    `Summarize`): its span gets the RPC's queued time (`set_rpc_queued_ms`,
+    `Summarize`): its span gets the RPC's queued time (`timed_from_arrival`,
     `add_rpc_queued_ms`) and no time to first token: one call's would say nothing of it,
     and each call has its own attempt span."""
     scope = CURRENT_RPC.get()
     if scope is not None:
         scope.is_multi_call = True
-
-
-def set_rpc_queued_ms(ms: float) -> None:
-    """Put `ms` on the current RPC's span as its queued time: the response's figure, its
-    wait for admission included."""
-    scope = CURRENT_RPC.get()
-    # Where a completion set one, or on a batch's or summary's span, which none sets.
-    if scope is not None and (QUEUED_MS in scope.attributes or scope.is_multi_call):
-        scope.attributes[QUEUED_MS] = ms
 
 
 def add_rpc_queued_ms(ms: float) -> None:
@@ -310,11 +302,3 @@ def add_rpc_queued_ms(ms: float) -> None:
     scope = CURRENT_RPC.get()
     if scope is not None and scope.span.is_recording():
         scope.attributes[QUEUED_MS] = scope.attributes.get(QUEUED_MS, 0.0) + ms
-
-
-def set_rpc_time_to_first_token(ms: float) -> None:
-    """Put `ms` on the current RPC's span as its time to first token, where its completion
-    set one: the response's figure, which counts from the call's arrival."""
-    scope = CURRENT_RPC.get()
-    if scope is not None and TIME_TO_FIRST_TOKEN_MS in scope.attributes:
-        scope.attributes[TIME_TO_FIRST_TOKEN_MS] = ms

@@ -211,7 +211,5 @@ def test_public_surface():
         "record_upstream_error",
         "rpc_queued_ms",
         "set_breaker_state",
-        "set_rpc_queued_ms",
-        "set_rpc_time_to_first_token",
     ]
     assert all(hasattr(service.telemetry, name) for name in service.telemetry.__all__)
