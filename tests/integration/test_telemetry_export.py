@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -36,7 +37,7 @@ from service.config import TelemetryConfig
 from service.telemetry import Telemetry
 from service.telemetry.metrics import BREAKER_STATES
 from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gateway_config_data
-from tests.fake_upstream import Reply, Status
+from tests.fake_upstream import FakeUpstream, Reply, Status
 from tests.integration.test_model_breakers import MODEL_A, MODEL_B, failing_for, two_model_config
 from tests.scripted_upstream import ScriptedUpstream
 from tests.secret_capture import register_secret
@@ -323,6 +324,20 @@ async def echoing_collector(protocol: str) -> AsyncIterator[str]:
             yield endpoint
 
 
+async def export_complaint(
+    upstream: FakeUpstream, start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> logging.LogRecord:
+    """Serve one call through a gateway whose OTLP exporter the environment sets up, then
+    flush and close its telemetry: the one `telemetry.export_failed` it logged."""
+    telemetry = Telemetry.from_config(TelemetryConfig())
+    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+    await gw.stub.Complete(chat())
+    await asyncio.to_thread(telemetry.providers.force_flush)
+    await telemetry.aclose()
+    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+    return failed
+
+
 @pytest.mark.parametrize(
     ("protocol", "status"),
     [("grpc", "StatusCode.UNAUTHENTICATED"), ("http/protobuf", "code: 401")],
@@ -344,12 +359,7 @@ async def test_a_collector_quoting_the_export_headers_is_logged_without_them(  #
             OTEL_EXPORTER_OTLP_INSECURE="true",
             OTEL_EXPORTER_OTLP_HEADERS=f"authorization=Bearer%20{OTLP_TOKEN}",
         )
-        telemetry = Telemetry.from_config(TelemetryConfig())
-        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
-        await gw.stub.Complete(chat())
-        await asyncio.to_thread(telemetry.providers.force_flush)
-        await telemetry.aclose()
-    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+        failed = await export_complaint(upstream, start_gateway, caplog)
     assert status in failed.error
     assert "[redacted]" in failed.error
     assert OTLP_TOKEN not in repr([r.__dict__ for r in caplog.records])
@@ -382,12 +392,7 @@ async def test_a_collector_quoting_a_short_header_value_is_logged_without_it(  #
             OTEL_EXPORTER_OTLP_INSECURE="true",
             OTEL_EXPORTER_OTLP_HEADERS=f"x-api-key={SHORT_OTLP_KEY},x-debug=1",
         )
-        telemetry = Telemetry.from_config(TelemetryConfig())
-        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
-        await gw.stub.Complete(chat())
-        await asyncio.to_thread(telemetry.providers.force_flush)
-        await telemetry.aclose()
-    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+        failed = await export_complaint(upstream, start_gateway, caplog)
     assert SHORT_OTLP_KEY not in repr([r.__dict__ for r in caplog.records])
     assert status in failed.error
     assert re.search(r"x-api-key\W+\[redacted\]", failed.error, re.IGNORECASE)
@@ -414,12 +419,7 @@ async def test_an_unreachable_http_collector_is_logged_without_its_endpoints_que
         # complaint is the connection refused, with the URL, and the export ends in 1 s.
         OTEL_EXPORTER_OTLP_TIMEOUT="2",
     )
-    telemetry = Telemetry.from_config(TelemetryConfig())
-    gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
-    await gw.stub.Complete(chat())
-    await asyncio.to_thread(telemetry.providers.force_flush)
-    await telemetry.aclose()
-    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+    failed = await export_complaint(upstream, start_gateway, caplog)
     assert "/v1/traces?api_key=[redacted]&org=[redacted]" in failed.error
     assert SHORT_OTLP_KEY not in repr([r.__dict__ for r in caplog.records])
 
@@ -443,12 +443,7 @@ async def test_a_collector_quoting_the_basic_credentials_of_its_endpoint_is_logg
                 "http://", f"http://otel:{SHORT_OTLP_KEY}@"
             ),
         )
-        telemetry = Telemetry.from_config(TelemetryConfig())
-        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
-        await gw.stub.Complete(chat())
-        await asyncio.to_thread(telemetry.providers.force_flush)
-        await telemetry.aclose()
-    [failed] = [r for r in caplog.records if r.getMessage() == "telemetry.export_failed"]
+        failed = await export_complaint(upstream, start_gateway, caplog)
     assert "code: 401" in failed.error
     assert re.search(r"authorization\W+\[redacted\]", failed.error, re.IGNORECASE)
     logged = repr([r.__dict__ for r in caplog.records])
