@@ -248,6 +248,22 @@ class CircuitBreaker:
         if calls >= self.settings.min_calls and failures / calls >= self.settings.failure_ratio:
             self._open(self.settings.cool_down_s, f"{failures}/{calls} calls failed")
 
+    def trip(self, reason: str) -> None:
+        """Open a closed breaker for its cool-down on failures counted elsewhere (its
+        upstream's models'); one not closed is left to its own cool-down and probe."""
+        if self._state is BreakerState.CLOSED:
+            self._open(self.settings.cool_down_s, reason)
+
+    def is_failing(self) -> bool:
+        """Whether it keeps calls off for failures seen lately: open, or half-open since an
+        opening within `window_s` (its probe not answered yet). A half-open breaker that
+        no call came to for longer says nothing of now."""
+        if self.is_closed:
+            return False
+        if self.state is BreakerState.OPEN:
+            return True
+        return self._clock.now() - self._opened_at < self.settings.window_s
+
     def record_key_rejected(self) -> None:
         """The upstream rejected the gateway's key: open for the long cool-down."""
         self._probe_in_flight = False

@@ -4,7 +4,8 @@ A call is refused when what the tenant has spent this period, plus what its call
 in flight have reserved, plus this call's expected cost would pass the limit. The
 expected cost is the prompt estimate (the estimator errs high), raised by the tenant's
 calibration for the model where it says the upstream counts more, priced as input plus,
-when the request sets `max_tokens`, that many tokens priced as output; without it the
+when the request sets `max_tokens`, that many tokens priced as output (no more than the
+model's window holds, `Budgets.expected_cost_usd`); without it the
 budget's `reserve_output_tokens` (0 by default: the prompt only, since the output's
 length is unknown), at most what the model's window leaves beside the prompt. A call
 that passes holds
@@ -109,8 +110,8 @@ class Budgets:
         self, request: ChatRequest, *, prompt_tokens: int, reserve_output_tokens: int = 0
     ) -> float:
         """The most the call can cost: prompt as input, plus `max_tokens` as output if
-        set, else `reserve_output_tokens`, at most what the model's context window leaves
-        beside the prompt."""
+        set (`_capped_cost_usd`: no more than the model's context window holds), else
+        `reserve_output_tokens`, at most what the window leaves beside the prompt."""
         max_tokens = request.params.max_tokens
         if max_tokens is None:
             # No answer outgrows the room its prompt leaves in the model's window: a larger
@@ -119,8 +120,36 @@ class Budgets:
                 request.model, prompt_tokens + reserve_output_tokens
             )
             max_tokens = min(reserve_output_tokens, max(0, window - prompt_tokens))
+        else:
+            window = self._prices.context_window(request.model, prompt_tokens + max_tokens)
+            if prompt_tokens + max_tokens > window:
+                return self._capped_cost_usd(request.model, prompt_tokens, max_tokens, window)
         usage = Usage(input_tokens=prompt_tokens, output_tokens=max_tokens, is_estimated=True)
         return self._prices.cost_usd(request.model, usage)
+
+    def _capped_cost_usd(
+        self, model: str, prompt_tokens: int, max_tokens: int, window: int
+    ) -> float:
+        """The most a call whose prompt and `max_tokens` pass the model's window can cost:
+        prompt and answer share the window, so it is billed no more than the window holds.
+        The dearer of two bills: the prompt as estimated and the room it leaves as output
+        (as an estimated charge caps it), or `max_tokens` of output beside the prompt the
+        window then leaves. The second is reachable: such a call was fitted to the window
+        with its tenant's calibration below 1 (the upstream counts its text lower than the
+        estimate), so the upstream counts a shorter prompt, leaving `max_tokens` room, and
+        output is most often the dearer token; capped at the first alone, the guarantee
+        that calls with `max_tokens` never pass the budget would not hold."""
+        room = max(0, window - prompt_tokens)
+        as_estimated = Usage(input_tokens=prompt_tokens, output_tokens=room, is_estimated=True)
+        longest_answer = Usage(
+            input_tokens=max(0, window - max_tokens),
+            output_tokens=min(max_tokens, window),
+            is_estimated=True,
+        )
+        return max(
+            self._prices.cost_usd(model, as_estimated),
+            self._prices.cost_usd(model, longest_answer),
+        )
 
     async def reserve(self, request: ChatRequest, *, prompt_tokens: int) -> Reservation | None:
         """Reserve the call's expected cost, or raise `QuotaExceeded` (retry when the period

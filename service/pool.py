@@ -302,7 +302,7 @@ class UpstreamState:
                 client.name,
                 breaker_settings,
                 clock=clock,
-                on_change=hooks.breaker_changed,
+                on_change=self._model_breaker_changed,
                 model=model,
             )
             for model in dict.fromkeys(client.config.models.values())
@@ -340,6 +340,22 @@ class UpstreamState:
             for breaker in self.model_breakers.values():
                 breaker.overtake_probe()
         self._hooks.breaker_changed(change)
+
+    def _model_breaker_changed(self, change: BreakerChange) -> None:
+        """A model's breaker changed: told to the hooks. Opened on fresh failures (it was
+        closed) while another model's breaker here is failing too, it opens the upstream's
+        own: two models down at once read as the upstream down for every model (a
+        reseller whose backend is down answers 5xx for all), so its models not yet failed
+        are kept off it too, not each sent its own run of failures. One model failing
+        alone keeps that model off and no other."""
+        self._hooks.breaker_changed(change)
+        if change.old is not BreakerState.CLOSED or change.new is not BreakerState.OPEN:
+            return
+        if not self.breaker.is_closed:
+            return
+        failing = [name for name, breaker in self.model_breakers.items() if breaker.is_failing()]
+        if len(failing) >= 2:
+            self.breaker.trip(f"{len(failing)} models failing: {', '.join(failing)}")
 
     def route_breaker(self, upstream_model: str) -> RouteBreaker:
         """The breakers a call to `upstream_model` here passes."""

@@ -298,6 +298,45 @@ async def test_an_output_reserve_past_the_room_the_prompt_leaves_reserves_that_r
     assert len(held.requests) == 1
 
 
+async def test_a_max_tokens_past_the_room_the_prompt_leaves_reserves_what_the_window_holds(
+    held, start_gateway
+):
+    """The tenant's answers report half the estimated prompt tokens, so a prompt
+    estimated at about 3,000 of the window's 4,096 tokens is fitted with max_tokens 2,000
+    (about 1,650 calibrated). Prompt and answer share the window, so the call can cost
+    no more than the dearer of: its prompt with the ~1,100 tokens it leaves as output,
+    or 2,000 tokens of output beside the ~2,100 of prompt the window then leaves (the
+    upstream counts it lower). It reserves that, and a budget just big enough lets it
+    through.
+
+    Before, it reserved its whole prompt and all 2,000 tokens as output, more than it can
+    ever cost, and was refused as a call that can never fit the budget (pushback -1)."""
+    content, max_tokens, window = "word " * 3000, 2000, PRICE.context_window
+    prompt = estimate_prompt_tokens((Message(Role.USER, content),))
+    assert prompt + max_tokens > window
+    most_usd = max(
+        cost_usd(Usage(input_tokens=prompt, output_tokens=window - prompt), PRICE),
+        cost_usd(Usage(input_tokens=window - max_tokens, output_tokens=max_tokens), PRICE),
+    )
+    reported = round(0.5 * plain_estimate())
+    spent_usd = 3 * cost_usd(Usage(input_tokens=reported, output_tokens=3), PRICE)
+    budget = {"usd": spent_usd + most_usd + 1e-7, "period": "day"}
+    uncapped = cost_usd(Usage(input_tokens=prompt, output_tokens=max_tokens), PRICE)
+    assert spent_usd + uncapped > budget["usd"]
+    gateway = await start_gateway(gateway_config(held.base_url, budgets={"default": budget}))
+    await calibrate(gateway, held, ratio=0.5)
+    held.gate.clear()
+    params = pb.GenerationParams(max_tokens=max_tokens)
+    call = asyncio.create_task(outcome(gateway.stub.Complete(chat(content, params=params))))
+    await until(lambda: held.in_flight == 1 or call.done())
+    assert not call.done(), await call  # refused before the upstream
+    reserved = await gateway.server.pipeline.ledger.reserved_usd("default", "day")
+    assert reserved == pytest.approx(most_usd, abs=1e-12)
+    held.gate.set()
+    assert (await call).content
+    assert len(held.requests) == 4
+
+
 async def cancel_unary(gateway: RunningGateway, held: ScriptedUpstream) -> None:
     """A unary call held upstream, then cancelled by its caller."""
     call = gateway.stub.Complete(capped("call a"))
