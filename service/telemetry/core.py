@@ -169,13 +169,15 @@ class AttemptSpan:
         unary answer's; a stream's were gathered by `chunk`."""
         self.waited_s = waited_s
         span = self.span
+        # Sliced, not measured first: a name within the bound is the same string again.
+        response_model = response_model[: attr.MOST_ANSWER_NAME_CHARS]
         if response_model and self.telemetry.records_metrics:
             self.answer = self.route.answered[response_model]
         if not span.is_recording():
             return
         # One call: each set_attribute takes the span's lock and validates on its own.
         attributes: dict[str, Any] = {
-            attr.GEN_AI_RESPONSE_ID: response_id,
+            attr.GEN_AI_RESPONSE_ID: response_id[: attr.MOST_ANSWER_NAME_CHARS],
             attr.GEN_AI_RESPONSE_MODEL: response_model,
             attr.GEN_AI_RESPONSE_FINISH_REASONS: (finish_reason,),
         }
@@ -560,7 +562,7 @@ class Telemetry:
                 attr.GEN_AI_OPERATION_NAME: operation,
                 attr.GEN_AI_REQUEST_MODEL: request.model,
                 # None (left out): a cut call, whose answer never named its model.
-                attr.GEN_AI_RESPONSE_MODEL: completion.model or None,
+                attr.GEN_AI_RESPONSE_MODEL: completion.model[: attr.MOST_ANSWER_NAME_CHARS] or None,
                 attr.GEN_AI_USAGE_INPUT_TOKENS: usage.input_tokens,
                 attr.GEN_AI_USAGE_OUTPUT_TOKENS: usage.output_tokens,
                 attr.CACHED_INPUT_TOKENS: usage.cached_input_tokens,

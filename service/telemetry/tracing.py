@@ -72,6 +72,12 @@ CACHE_DIRECTION = "llm_gateway.cache.direction"
 STORE = "llm_gateway.store"
 
 OPERATION_CHAT = "chat"
+# The most characters of a name an upstream's answer gives (`gen_ai.response.model`,
+# `gen_ai.response.id`) a span or a metric point keeps: the upstream's to write, it may
+# be of megabytes, and a collector refuses an export past its message size (4 MiB by
+# default). On a cumulative histogram's point that export is refused every interval,
+# every metric with it, for as long as the process runs. Real names are far shorter.
+MOST_ANSWER_NAME_CHARS = 256
 # The `error.type` of a call or attempt its caller cut: cancelled, or its deadline passed.
 CANCELLED = "cancelled"
 OVERHEAD_TRAILER = "llm-gateway-overhead-ms"

@@ -158,6 +158,70 @@ async def test_spans_arrive_at_a_real_otlp_grpc_receiver(upstream, start_gateway
         await telemetry.aclose()  # while the collector still listens
 
 
+def exported_response_models(requests) -> set[str]:
+    """Every `gen_ai.response.model` on the metric points of the export requests."""
+    return {
+        attribute.value.string_value
+        for request in requests
+        for resource in request.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.WhichOneof("data") == "histogram"
+        for point in metric.histogram.data_points
+        for attribute in point.attributes
+        if attribute.key == "gen_ai.response.model"
+    }
+
+
+async def test_an_answer_naming_a_model_of_megabytes_stops_no_later_export(
+    upstream, start_gateway, otel_environ
+):
+    """An upstream's answer naming its model in 3 MB (a reseller's bug, or a hostile one)
+    costs no later export: spans and metric points keep the first 256 characters of the
+    name (and of the answer's id), and the next calls' spans and metrics reach the
+    collector.
+
+    Before, the name went whole onto the spans and onto the GenAI histograms' points,
+    which a cumulative histogram exports at every interval: each export past the
+    collector's 4 MiB message size was refused, every metric's with it, for as long as
+    the process ran (and the batch of spans beside the answer's was lost)."""
+    collector, metrics_collector = Collector(), MetricsCollector()
+    huge = "m" * 3_000_000
+    async with otlp_grpc_receiver(metrics_collector, traces=collector) as endpoint:
+        otel_environ(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_METRICS_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_EXPORTER_OTLP_TIMEOUT="2",  # a refused export gives up soon
+        )
+        telemetry = Telemetry.from_config(TelemetryConfig())
+        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+        upstream.script(Reply(model=huge))
+        await gw.stub.Complete(chat("named in megabytes"))
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        await gw.stub.Complete(chat("named as usual"))
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        attempts = [
+            {a.key: a.value for a in span.attributes}
+            for request in collector.requests
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+            if span.name == ATTEMPT_SPAN
+        ]
+        assert [a["gen_ai.response.model"].string_value for a in attempts] == [
+            huge[:256],
+            FAKE_MODEL,
+        ]
+        assert exported_response_models(metrics_collector.requests[-1:]) == {
+            huge[:256],
+            FAKE_MODEL,
+        }
+        await telemetry.aclose()  # while the collector still listens
+
+
 async def test_spans_arrive_at_an_otlp_http_receiver(upstream, start_gateway, otel_environ):
     """With http/protobuf the same spans arrive as POST /v1/traces."""
     bodies: list[bytes] = []
