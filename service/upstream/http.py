@@ -192,6 +192,10 @@ class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection: one request at a time, its response parsed as it comes."""
 
     def __init__(self) -> None:
+        # Made only inside the loop (by `create_connection` or the pool): kept, so that
+        # each response's futures come from it without asking for the running loop,
+        # which on Python 3.11 is a `getpid` system call every time.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         # Under a TLS `transport`, the TCP one it writes its records to: what the socket
         # has not taken yet waits in its buffer, which `transport`'s own size leaves out.
@@ -546,7 +550,7 @@ class Response:
         # Set once the head is in, for a body in a content coding (`codings`): what the
         # reader gets is decoded; None (the usual case) hands the bytes over as they came.
         self._decoder: BodyDecoder | None = None
-        self._head_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head_ready: asyncio.Future[None] = connection.loop.create_future()
         self._wakeup: asyncio.Future[None] | None = None
         self._is_released = False
         self._is_informational = False
@@ -743,7 +747,7 @@ class Response:
             raise self._error
         if self._is_complete:
             return False
-        self._wakeup = asyncio.get_running_loop().create_future()
+        self._wakeup = self._connection.loop.create_future()
         try:
             await self._wakeup
         finally:
@@ -824,7 +828,7 @@ class Response:
             return
         self._chunks.clear()
         self._buffered = 0
-        self._end_timer = asyncio.get_running_loop().call_later(within_s, self.release)
+        self._end_timer = self._connection.loop.call_later(within_s, self.release)
         if self._connection.is_paused:
             self._connection.resume()
 
