@@ -72,6 +72,40 @@ async def test_every_other_text_argument_is_named_when_not_a_str() -> None:
             await client.usage(tenant=7)  # type: ignore[arg-type]
 
 
+# Bytes that are not UTF-8, as Python reads them with errors="surrogateescape": "Café" in
+# Latin-1 holds the lone surrogate "\udce9" at index 3.
+NOT_UTF8 = b"Caf\xe9".decode("utf-8", "surrogateescape")
+NOT_UTF8_MESSAGE = r"not UTF-8 text: a lone surrogate '\\udce9' at index 3"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "where"),
+    [
+        ({"prompt": NOT_UTF8}, "prompt"),
+        ({"system": NOT_UTF8}, "system"),
+        ({"prompt": [("user", "hi"), ("assistant", NOT_UTF8)]}, r"prompt\[1\]"),
+        ({"model": NOT_UTF8}, "model"),
+        ({"labels": {"team": NOT_UTF8}}, r"labels\['team'\]"),
+    ],
+)
+def test_build_request_names_a_text_that_is_not_utf8(arguments: dict[str, Any], where: str) -> None:
+    """A text argument holding a lone surrogate is a ValueError naming the argument and
+    where in it. Before, protobuf's UnicodeEncodeError named none of the texts."""
+    with pytest.raises(ValueError, match=rf"^{where}: {NOT_UTF8_MESSAGE}"):
+        build_request(**{"prompt": "hi", "model": "m", **arguments})
+
+
+async def test_a_summarys_document_or_instructions_not_utf8_are_named() -> None:
+    """A document read as `surrogateescape` reads bytes that are not UTF-8, or instructions
+    so read, are named before any call (nothing listens at the address), as the other
+    texts are."""
+    async with GatewayClient("127.0.0.1:9", timeout_s=1) as client:
+        with pytest.raises(ValueError, match=rf"^document: {NOT_UTF8_MESSAGE}"):
+            await client.summarize(NOT_UTF8, model="m")
+        with pytest.raises(ValueError, match=rf"^instructions: {NOT_UTF8_MESSAGE}"):
+            await client.summarize("A document.", model="m", instructions=NOT_UTF8)
+
+
 @pytest.mark.parametrize("api_key", [b"llmgw_key", ["llmgw_key"], 7])
 def test_a_caller_key_that_is_not_a_str_is_named_without_repeating_it(api_key: Any) -> None:
     """A caller key as bytes (a secret store's) or a list is refused when the client is

@@ -88,7 +88,7 @@ def _message_of(turn: object, where: str) -> pb.Message:
 
     Raises:
         TypeError: `turn` is not a pair of strings or a Message.
-        ValueError: its role is not one of `_ROLES`.
+        ValueError: its role is not one of `_ROLES`, or its content is not UTF-8 text.
     """
     if isinstance(turn, pb.Message):
         return turn
@@ -104,7 +104,7 @@ def _message_of(turn: object, where: str) -> pb.Message:
         raise TypeError(f"{where}: the {name} must be a str, got {type(wrong).__name__}")
     if role not in _ROLES:
         raise ValueError(f"{where}: a turn's role must be one of {', '.join(_ROLES)}, got {role!r}")
-    return pb.Message(role=_ROLES[role], content=content)
+    return pb.Message(role=_ROLES[role], content=_utf8_text(content, where))
 
 
 def _messages_of(prompt: str | Sequence[Turn], system: str | None) -> list[pb.Message]:
@@ -184,10 +184,31 @@ def _text_of(value: object, where: str) -> str:
 
     Raises:
         TypeError: `value` is not a str (protobuf's own error names neither field nor type).
+        ValueError: `value` is not UTF-8 text (`_utf8_text`).
     """
     if not isinstance(value, str):
         raise TypeError(f"{where}: expected a str, got {type(value).__name__}")
-    return value
+    return _utf8_text(value, where)
+
+
+def _utf8_text(text: str, where: str) -> str:
+    """`text`, which protobuf can send: UTF-8 text, no lone surrogate.
+
+    Raises:
+        ValueError: naming `where` and the surrogate's index. Python holds bytes that are
+            not UTF-8 as lone surrogates (a file read with `errors="surrogateescape"`);
+            protobuf's own UnicodeEncodeError named no argument of the several texts.
+    """
+    if text.isascii():  # no surrogate: without encoding it (a flag of the str)
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where}: not UTF-8 text: a lone surrogate {text[exc.start]!r} at index "
+            f"{exc.start} (bytes read with errors='surrogateescape'?)"
+        ) from None
+    return text
 
 
 def _set_int(message: Message, field: str, value: object, *, where: str = "") -> None:
