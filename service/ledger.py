@@ -265,7 +265,8 @@ Dims = tuple[str, str, str, tuple[tuple[str, str], ...]]
 
 
 def _dims(tenant: str, model: str, upstream: str, labels: Mapping[str, str]) -> Dims:
-    return tenant, model, upstream, tuple(sorted(labels.items()))
+    # Most calls carry no labels: no `items()` and `sorted` for them (every call recorded).
+    return tenant, model, upstream, tuple(sorted(labels.items())) if labels else ()
 
 
 def _parse_dims(raw: str) -> Dims:

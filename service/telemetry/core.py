@@ -390,6 +390,13 @@ class Telemetry:
         return False
 
     def _end_rpc(self, scope: RpcScope) -> None:
+        records_spans, records_metrics = self.records_spans, self.records_metrics
+        if not (records_spans or records_metrics):
+            # Telemetry off: the span is a no-op one (or the caller's context carried on),
+            # the histograms no-ops. Their times, `is_recording` and `end` were 5 calls.
+            self.in_flight -= 1
+            self.instruments.requests.add(1, scope.method, scope.status_code)
+            return
         elapsed = time.perf_counter() - scope.started  # `scope.elapsed_s()`: a frame less
         overhead = scope.overhead_s(elapsed)
         span = scope.span
@@ -405,7 +412,7 @@ class Telemetry:
         span.end()
         self.in_flight -= 1
         self.instruments.requests.add(1, scope.method, scope.status_code)
-        if not self.records_metrics:
+        if not records_metrics:
             return  # the histograms are no-ops: skip building their attributes
         try:  # indexed, not `get`: a call fewer; only a method's first status misses
             labels = self._rpc_labels[scope.method, scope.status_code]
@@ -555,9 +562,9 @@ class Telemetry:
     ) -> None:
         """Put usage, cost and cache outcome on the RPC span and the cost metrics."""
         usage = completion.usage
-        # Only this gateway's tracer records spans: without a provider, skip the lookup.
-        span = current_span() if self.records_spans else trace.INVALID_SPAN
-        if span.is_recording():
+        # Only this gateway's tracer records spans: without a provider, no span to ask.
+        span = current_span() if self.records_spans else None
+        if span is not None and span.is_recording():
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,
                 attr.GEN_AI_REQUEST_MODEL: request.model,
@@ -600,7 +607,8 @@ class Telemetry:
                 span.set_attributes(attributes)
         self.instruments.cost.add(completion.cost_usd, request.tenant, request.model)
         if completion.is_cache_hit and not completion.is_coalesced:
-            self.record_cache_hit(model=request.model)
+            # `record_cache_hit` written out: a frame on every hit.
+            self.instruments.cache_hits.add(1, request.model)
 
     def record_token_usage(self, attempt: AttemptSpan | None, usage: Usage) -> None:
         """One upstream call's (or lost attempt's) tokens as billed, on
