@@ -604,6 +604,9 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     assert upstream.requests == []
 
 
+UNCARRIED_KEY = "apiKey has characters gRPC metadata cannot carry (a stray newline?)"
+
+
 async def test_node_client_refuses_options_it_has_no_name_for_without_their_values(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -611,7 +614,11 @@ async def test_node_client_refuses_options_it_has_no_name_for_without_their_valu
     TLS option's `ca_file`), or `tls` as a file name, is a TypeError naming it, and not its
     value: a key under a wrong name is still a key. Before, each was dropped unread: the
     client sent no key, kept the 5-minute default, and verified the gateway against the
-    system's CAs in place of the file named."""
+    system's CAs in place of the file named. An `apiKey` that is no string (a number, an
+    object, a boolean, a Buffer, as JavaScript gives them) is a TypeError too, as Python's
+    `api_key` of bytes is: before, it went out as its `String()`, `Bearer 42` or `Bearer
+    [object Object]`; one with a carriage return or a NUL is refused as one with a newline
+    is."""
     seen = await run_against(node_scenarios, gateway, "bad-client-options")
     assert seen == {
         "api-key-snake-case": "TypeError: options.api_key: GatewayClientOptions has no such "
@@ -621,6 +628,12 @@ async def test_node_client_refuses_options_it_has_no_name_for_without_their_valu
         "tls-string": "TypeError: tls: expected an object (TlsOptions), got string",
         "tls-snake-case": "TypeError: tls.ca_file: TlsOptions has no such option "
         "(the option is caFile)",
+        "api-key-number": "TypeError: apiKey: expected a string, got number",
+        "api-key-object": "TypeError: apiKey: expected a string, got object",
+        "api-key-buffer": "TypeError: apiKey: expected a string, got object",
+        "api-key-boolean": "TypeError: apiKey: expected a string, got boolean",
+        "api-key-carriage-return": f"Error: {UNCARRIED_KEY}",
+        "api-key-nul": f"Error: {UNCARRIED_KEY}",
     }
     assert "llmgw_key_under_a_wrong_name" not in json.dumps(seen)
     assert upstream.requests == []

@@ -906,6 +906,26 @@ function isLoopbackHostPort(target: string): boolean {
   return canonical === "[::1]" || /^\[::ffff:7f[0-9a-f]{2}:[0-9a-f]{1,4}\]$/.test(canonical);
 }
 
+/**
+ * Refuse an `apiKey` gRPC metadata cannot carry, naming the option but never the key.
+ * Not a string (a number, an object, a Buffer read without "utf8"): the regular expression
+ * and the header took its `String()`, and `Bearer 42` or `Bearer [object Object]` went
+ * out, refused as an unknown key, where the Python client raises a TypeError (for bytes
+ * too). Null or undefined is none.
+ */
+function checkApiKey(apiKey: unknown): void {
+  if (apiKey === undefined || apiKey === null) {
+    return;
+  }
+  if (typeof apiKey !== "string") {
+    throw new TypeError(`apiKey: expected a string, got ${kindOf(apiKey)}`);
+  }
+  if (!/^[ -~]*$/.test(apiKey)) {
+    // grpc-js would refuse it at each call with an error that repeats the key.
+    throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
+  }
+}
+
 /** The gateway's `CompletionService` with the shared retry policy and decoded errors. */
 export class GatewayClient {
   readonly stub: CompletionServiceClient;
@@ -931,10 +951,7 @@ export class GatewayClient {
     checkOptionNames(options, CLIENT_OPTIONS, "GatewayClientOptions", "options");
     const address = withLowerCaseScheme(given);
     checkAddress(address);
-    if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
-      // grpc-js would refuse it at each call with an error that repeats the key.
-      throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
-    }
+    checkApiKey(options.apiKey);
     const serviceConfigJson =
       options.serviceConfigJson ?? fs.readFileSync(defaultServiceConfigPath(), "utf8");
     this.stub = new CompletionServiceClient(

@@ -627,6 +627,12 @@ const BAD_CLIENT_OPTIONS: Record<string, unknown> = {
   "default-timeout": { defaultTimeout: 500 },
   "tls-string": { tls: "ca.pem" },
   "tls-snake-case": { tls: { ca_file: "ca.pem" } },
+  "api-key-number": { apiKey: 42 },
+  "api-key-object": { apiKey: { key: "llmgw_key_under_a_wrong_name" } },
+  "api-key-buffer": { apiKey: Buffer.from("llmgw_key_under_a_wrong_name") },
+  "api-key-boolean": { apiKey: true },
+  "api-key-carriage-return": { apiKey: "llmgw_key_under_a_wrong_name\r" },
+  "api-key-nul": { apiKey: "llmgw_key_under_a_wrong_name\0" },
 };
 
 async function badClientOptions(_client: GatewayClient, args: Args): Promise<Json> {
