@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -727,6 +728,36 @@ async def test_node_example_whose_output_cannot_be_written_says_so_and_exits_1(
         _, stderr = await process.communicate()
     said = "example: cannot write: no space left on device\n"
     assert (process.returncode, stderr.decode()) == (1, said)
+
+
+async def test_node_example_stopped_by_ctrl_c_cancels_its_call_and_exits_130(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Ctrl-C (SIGINT) while the example's stream is open cancels the call (the gateway
+    closes the upstream request and frees its slot) and exits 130, saying nothing, as
+    the Python CLI does. Before, Node died by the signal (status -2), its call never
+    cancelled."""
+    upstream.script(Reply(content="hi"), Reply(content="word " * 40, chunks=40, chunk_delay_s=0.5))
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(node_scenarios.example),
+        *("--address", gateway.server.address, "--model", "fake-model", "Say hi"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: len(upstream.requests) == 2)  # the unary call, the stream
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(NODE_TIMEOUT_S):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert (process.returncode, stderr.decode()) == (130, "")
+    assert stdout.decode().startswith("complete: hi\nstream:   ")
+    await upstream.wait_for_disconnect(timeout_s=WAIT_S)
+    await wait_until(lambda: gateway.server.admission.in_flight == 0)
 
 
 async def test_node_example_asks_for_the_python_clis_default_model(
