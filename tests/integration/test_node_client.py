@@ -1528,6 +1528,33 @@ async def test_node_usage_pages_reads_every_page_and_get_usage_one(
     }
 
 
+async def test_node_list_models_reads_the_catalog_with_the_clients_key_as_python(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`client.listModels()` reads the model catalog (each model's window and its
+    upstreams' health) as the Python client's `list_models` does, with the client's key;
+    without a key the gateway refuses it, UNAUTHENTICATED decoded. Before, the Node client
+    had no listModels: a caller used the generated stub, without the key or a deadline."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    address = gateway.server.address
+    node = await run_node(
+        node_scenarios, "list-models", "--address", address, "--api-key", CALLER_KEY_A
+    )
+    async with GatewayClient(address, api_key=CALLER_KEY_A) as client:
+        python = await client.list_models()
+    assert node["models"] == [
+        {
+            "name": model.name,
+            "contextWindow": model.context_window,
+            "upstreams": [[u.name, pb.UpstreamHealth.Name(u.health)] for u in model.upstreams],
+        }
+        for model in python.models
+    ]
+    assert FAKE_MODEL in [model["name"] for model in node["models"]]
+    unkeyed = await run_node(node_scenarios, "list-models", "--address", address)
+    assert unkeyed["code"] == "UNAUTHENTICATED"
+
+
 async def test_node_summarize_of_an_unknown_model_rejects_not_found_decoded(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

@@ -45,6 +45,8 @@ import {
   Delta,
   GetUsageRequest,
   GetUsageResponse,
+  ListModelsRequest,
+  ListModelsResponse,
   SummarizeRequest,
   SummarizeResponse,
   ToolCall,
@@ -1108,6 +1110,21 @@ export class GatewayClient {
       request,
       given,
       (...call) => this.stub.summarize(SummarizeRequest.fromPartial(request), ...call),
+    );
+    return response;
+  }
+
+  /**
+   * The model catalog (ListModels): each model's context window, pricing and each
+   * upstream's health for it; rejects as `complete` does. Python's `list_models`: a Node
+   * caller had only the generated stub, and sent it without the client's key or deadline.
+   */
+  async listModels(given?: CallOptions): Promise<ListModelsResponse> {
+    const { response } = await this.unary<ListModelsResponse>(
+      ".llmgateway.v1.ListModelsRequest",
+      {},
+      given,
+      (...call) => this.stub.listModels(ListModelsRequest.fromPartial({}), ...call),
     );
     return response;
   }
