@@ -28,7 +28,7 @@ import pytest
 
 from gateway_client import GatewayClient
 from gateway_client.connection import DEFAULT_MODEL
-from gateway_client.errors import error_details
+from gateway_client.errors import error_details, status_details
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import (
@@ -1295,6 +1295,36 @@ async def test_node_decodes_every_detail_the_gateway_packs(
     assert details["retryDelayMs"] == (
         pytest.approx(expected["retryDelayMs"]) if "retryDelayMs" in expected else None
     )
+
+
+async def test_node_decodes_details_packed_under_any_type_url_prefix_as_python(
+    node_scenarios: NodeScenarios,
+) -> None:
+    """A detail whose type URL has another host than type.googleapis.com (a proxy's or
+    another server's packing: the type is the URL's last segment) is decoded by Node as by
+    the Python client. Before, Node read only type.googleapis.com/ and listed each such
+    detail as of an unknown type."""
+    status = to_rpc_status(
+        QuotaExceeded("tenant budget spent", subject="tenant:acme", retry_after_s=1.5)
+    )
+    too_long = ContextWindowExceeded(estimated_tokens=5000, limit_tokens=4096)
+    status.details.extend(to_rpc_status(too_long).details[:1])
+    for detail in status.details:
+        detail.type_url = detail.type_url.replace("type.googleapis.com/", "type.example.com/")
+    python = status_details(status)
+    assert python.unknown_type_urls == ()
+    encoded = base64.b64encode(status.SerializeToString()).decode()
+    details = (await run_node(node_scenarios, "decode", "--status-base64", encoded))["details"]
+    assert details["unknownTypeUrls"] == []
+    assert details["errorInfo"]["reason"] == python.reason
+    assert [(v["subject"], v["description"]) for v in details["quotaViolations"]] == list(
+        python.quota_violations
+    )
+    assert [(v["field"], v["description"]) for v in details["fieldViolations"]] == list(
+        python.field_violations
+    )
+    assert python.retry_after_s is not None
+    assert details["retryDelayMs"] == pytest.approx(python.retry_after_s * 1000)
 
 
 @pytest.mark.parametrize("deadline_won", [False, True], ids=["same-code", "deadline-won"])

@@ -69,8 +69,6 @@ export const RETRY_ELSEWHERE_KEY = "llm-gateway-retry-elsewhere";
 /** Set by grpc-js on the response (or error) of a call that was retried. */
 export const PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts";
 
-const TYPE_URL_PREFIX = "type.googleapis.com/";
-
 /** One invalid request field, from a `google.rpc.BadRequest` detail. */
 export interface FieldViolation {
   field: string;
@@ -161,9 +159,9 @@ function trailerDetails(raw: Buffer, code: grpc.status): StatusDetails {
 }
 
 function decodeOne(packed: Any, into: StatusDetails): void {
-  const typeName = packed.typeUrl.startsWith(TYPE_URL_PREFIX)
-    ? packed.typeUrl.slice(TYPE_URL_PREFIX.length)
-    : packed.typeUrl;
+  // The type is the URL's last segment, whatever its host (google.protobuf.Any), as Python
+  // and Go read it: one packed under another prefix went undecoded, an unknown type.
+  const typeName = packed.typeUrl.slice(packed.typeUrl.lastIndexOf("/") + 1);
   switch (typeName) {
     case "google.rpc.BadRequest":
       for (const v of BadRequest.decode(packed.value).fieldViolations) {
