@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -27,7 +28,7 @@ import pytest
 
 from gateway_client import GatewayClient
 from gateway_client.connection import DEFAULT_MODEL
-from gateway_client.errors import error_details
+from gateway_client.errors import error_details, status_details
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.errors import (
@@ -604,6 +605,9 @@ async def test_node_client_refuses_bad_arguments_by_name_before_any_call(
     assert upstream.requests == []
 
 
+UNCARRIED_KEY = "apiKey has characters gRPC metadata cannot carry (a stray newline?)"
+
+
 async def test_node_client_refuses_options_it_has_no_name_for_without_their_values(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -611,7 +615,11 @@ async def test_node_client_refuses_options_it_has_no_name_for_without_their_valu
     TLS option's `ca_file`), or `tls` as a file name, is a TypeError naming it, and not its
     value: a key under a wrong name is still a key. Before, each was dropped unread: the
     client sent no key, kept the 5-minute default, and verified the gateway against the
-    system's CAs in place of the file named."""
+    system's CAs in place of the file named. An `apiKey` that is no string (a number, an
+    object, a boolean, a Buffer, as JavaScript gives them) is a TypeError too, as Python's
+    `api_key` of bytes is: before, it went out as its `String()`, `Bearer 42` or `Bearer
+    [object Object]`; one with a carriage return or a NUL is refused as one with a newline
+    is."""
     seen = await run_against(node_scenarios, gateway, "bad-client-options")
     assert seen == {
         "api-key-snake-case": "TypeError: options.api_key: GatewayClientOptions has no such "
@@ -621,6 +629,12 @@ async def test_node_client_refuses_options_it_has_no_name_for_without_their_valu
         "tls-string": "TypeError: tls: expected an object (TlsOptions), got string",
         "tls-snake-case": "TypeError: tls.ca_file: TlsOptions has no such option "
         "(the option is caFile)",
+        "api-key-number": "TypeError: apiKey: expected a string, got number",
+        "api-key-object": "TypeError: apiKey: expected a string, got object",
+        "api-key-buffer": "TypeError: apiKey: expected a string, got object",
+        "api-key-boolean": "TypeError: apiKey: expected a string, got boolean",
+        "api-key-carriage-return": f"Error: {UNCARRIED_KEY}",
+        "api-key-nul": f"Error: {UNCARRIED_KEY}",
     }
     assert "llmgw_key_under_a_wrong_name" not in json.dumps(seen)
     assert upstream.requests == []
@@ -714,6 +728,36 @@ async def test_node_example_whose_output_cannot_be_written_says_so_and_exits_1(
         _, stderr = await process.communicate()
     said = "example: cannot write: no space left on device\n"
     assert (process.returncode, stderr.decode()) == (1, said)
+
+
+async def test_node_example_stopped_by_ctrl_c_cancels_its_call_and_exits_130(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """Ctrl-C (SIGINT) while the example's stream is open cancels the call (the gateway
+    closes the upstream request and frees its slot) and exits 130, saying nothing, as
+    the Python CLI does. Before, Node died by the signal (status -2), its call never
+    cancelled."""
+    upstream.script(Reply(content="hi"), Reply(content="word " * 40, chunks=40, chunk_delay_s=0.5))
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(node_scenarios.example),
+        *("--address", gateway.server.address, "--model", "fake-model", "Say hi"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: len(upstream.requests) == 2)  # the unary call, the stream
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(NODE_TIMEOUT_S):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert (process.returncode, stderr.decode()) == (130, "")
+    assert stdout.decode().startswith("complete: hi\nstream:   ")
+    await upstream.wait_for_disconnect(timeout_s=WAIT_S)
+    await wait_until(lambda: gateway.server.admission.in_flight == 0)
 
 
 async def test_node_example_asks_for_the_python_clis_default_model(
@@ -1253,6 +1297,36 @@ async def test_node_decodes_every_detail_the_gateway_packs(
     )
 
 
+async def test_node_decodes_details_packed_under_any_type_url_prefix_as_python(
+    node_scenarios: NodeScenarios,
+) -> None:
+    """A detail whose type URL has another host than type.googleapis.com (a proxy's or
+    another server's packing: the type is the URL's last segment) is decoded by Node as by
+    the Python client. Before, Node read only type.googleapis.com/ and listed each such
+    detail as of an unknown type."""
+    status = to_rpc_status(
+        QuotaExceeded("tenant budget spent", subject="tenant:acme", retry_after_s=1.5)
+    )
+    too_long = ContextWindowExceeded(estimated_tokens=5000, limit_tokens=4096)
+    status.details.extend(to_rpc_status(too_long).details[:1])
+    for detail in status.details:
+        detail.type_url = detail.type_url.replace("type.googleapis.com/", "type.example.com/")
+    python = status_details(status)
+    assert python.unknown_type_urls == ()
+    encoded = base64.b64encode(status.SerializeToString()).decode()
+    details = (await run_node(node_scenarios, "decode", "--status-base64", encoded))["details"]
+    assert details["unknownTypeUrls"] == []
+    assert details["errorInfo"]["reason"] == python.reason
+    assert [(v["subject"], v["description"]) for v in details["quotaViolations"]] == list(
+        python.quota_violations
+    )
+    assert [(v["field"], v["description"]) for v in details["fieldViolations"]] == list(
+        python.field_violations
+    )
+    assert python.retry_after_s is not None
+    assert details["retryDelayMs"] == pytest.approx(python.retry_after_s * 1000)
+
+
 @pytest.mark.parametrize("deadline_won", [False, True], ids=["same-code", "deadline-won"])
 async def test_node_call_error_reads_the_trailers_details_only_for_its_own_code(
     node_scenarios: NodeScenarios, deadline_won: bool
@@ -1482,6 +1556,33 @@ async def test_node_usage_pages_reads_every_page_and_get_usage_one(
         "labelsMap": "TypeError: labels: expected an object, got Map "
         "(Object.fromEntries(map) is one)",
     }
+
+
+async def test_node_list_models_reads_the_catalog_with_the_clients_key_as_python(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway
+) -> None:
+    """`client.listModels()` reads the model catalog (each model's window and its
+    upstreams' health) as the Python client's `list_models` does, with the client's key;
+    without a key the gateway refuses it, UNAUTHENTICATED decoded. Before, the Node client
+    had no listModels: a caller used the generated stub, without the key or a deadline."""
+    gateway = await start_gateway(secure_config(upstream.base_url))
+    address = gateway.server.address
+    node = await run_node(
+        node_scenarios, "list-models", "--address", address, "--api-key", CALLER_KEY_A
+    )
+    async with GatewayClient(address, api_key=CALLER_KEY_A) as client:
+        python = await client.list_models()
+    assert node["models"] == [
+        {
+            "name": model.name,
+            "contextWindow": model.context_window,
+            "upstreams": [[u.name, pb.UpstreamHealth.Name(u.health)] for u in model.upstreams],
+        }
+        for model in python.models
+    ]
+    assert FAKE_MODEL in [model["name"] for model in node["models"]]
+    unkeyed = await run_node(node_scenarios, "list-models", "--address", address)
+    assert unkeyed["code"] == "UNAUTHENTICATED"
 
 
 async def test_node_summarize_of_an_unknown_model_rejects_not_found_decoded(

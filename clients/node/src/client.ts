@@ -45,6 +45,8 @@ import {
   Delta,
   GetUsageRequest,
   GetUsageResponse,
+  ListModelsRequest,
+  ListModelsResponse,
   SummarizeRequest,
   SummarizeResponse,
   ToolCall,
@@ -66,8 +68,6 @@ export const RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms";
 export const RETRY_ELSEWHERE_KEY = "llm-gateway-retry-elsewhere";
 /** Set by grpc-js on the response (or error) of a call that was retried. */
 export const PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts";
-
-const TYPE_URL_PREFIX = "type.googleapis.com/";
 
 /** One invalid request field, from a `google.rpc.BadRequest` detail. */
 export interface FieldViolation {
@@ -159,9 +159,9 @@ function trailerDetails(raw: Buffer, code: grpc.status): StatusDetails {
 }
 
 function decodeOne(packed: Any, into: StatusDetails): void {
-  const typeName = packed.typeUrl.startsWith(TYPE_URL_PREFIX)
-    ? packed.typeUrl.slice(TYPE_URL_PREFIX.length)
-    : packed.typeUrl;
+  // The type is the URL's last segment, whatever its host (google.protobuf.Any), as Python
+  // and Go read it: one packed under another prefix went undecoded, an unknown type.
+  const typeName = packed.typeUrl.slice(packed.typeUrl.lastIndexOf("/") + 1);
   switch (typeName) {
     case "google.rpc.BadRequest":
       for (const v of BadRequest.decode(packed.value).fieldViolations) {
@@ -906,6 +906,26 @@ function isLoopbackHostPort(target: string): boolean {
   return canonical === "[::1]" || /^\[::ffff:7f[0-9a-f]{2}:[0-9a-f]{1,4}\]$/.test(canonical);
 }
 
+/**
+ * Refuse an `apiKey` gRPC metadata cannot carry, naming the option but never the key.
+ * Not a string (a number, an object, a Buffer read without "utf8"): the regular expression
+ * and the header took its `String()`, and `Bearer 42` or `Bearer [object Object]` went
+ * out, refused as an unknown key, where the Python client raises a TypeError (for bytes
+ * too). Null or undefined is none.
+ */
+function checkApiKey(apiKey: unknown): void {
+  if (apiKey === undefined || apiKey === null) {
+    return;
+  }
+  if (typeof apiKey !== "string") {
+    throw new TypeError(`apiKey: expected a string, got ${kindOf(apiKey)}`);
+  }
+  if (!/^[ -~]*$/.test(apiKey)) {
+    // grpc-js would refuse it at each call with an error that repeats the key.
+    throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
+  }
+}
+
 /** The gateway's `CompletionService` with the shared retry policy and decoded errors. */
 export class GatewayClient {
   readonly stub: CompletionServiceClient;
@@ -931,10 +951,7 @@ export class GatewayClient {
     checkOptionNames(options, CLIENT_OPTIONS, "GatewayClientOptions", "options");
     const address = withLowerCaseScheme(given);
     checkAddress(address);
-    if (options.apiKey !== undefined && !/^[ -~]*$/.test(options.apiKey)) {
-      // grpc-js would refuse it at each call with an error that repeats the key.
-      throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
-    }
+    checkApiKey(options.apiKey);
     const serviceConfigJson =
       options.serviceConfigJson ?? fs.readFileSync(defaultServiceConfigPath(), "utf8");
     this.stub = new CompletionServiceClient(
@@ -1091,6 +1108,21 @@ export class GatewayClient {
       request,
       given,
       (...call) => this.stub.summarize(SummarizeRequest.fromPartial(request), ...call),
+    );
+    return response;
+  }
+
+  /**
+   * The model catalog (ListModels): each model's context window, pricing and each
+   * upstream's health for it; rejects as `complete` does. Python's `list_models`: a Node
+   * caller had only the generated stub, and sent it without the client's key or deadline.
+   */
+  async listModels(given?: CallOptions): Promise<ListModelsResponse> {
+    const { response } = await this.unary<ListModelsResponse>(
+      ".llmgateway.v1.ListModelsRequest",
+      {},
+      given,
+      (...call) => this.stub.listModels(ListModelsRequest.fromPartial({}), ...call),
     );
     return response;
   }

@@ -19,8 +19,9 @@
  * a value that begins with `--` only after an `=` (`--api-key=--KEY`): after a space it is
  * taken for the next option, and the one before it lacks its value.
  * A bad option (an unknown one too, or one without its value) exits 2, a failed call 1,
- * one piped into a reader that left (`| head`) 141, and one whose output cannot be written
- * (a full disk) 1, saying so, as the Python CLI.
+ * one piped into a reader that left (`| head`) 141, one whose output cannot be written
+ * (a full disk) 1, saying so, and one stopped by Ctrl-C 130, its call cancelled, as the
+ * Python CLI.
  */
 import * as util from "node:util";
 
@@ -180,6 +181,27 @@ function endForOutput(error: NodeJS.ErrnoException): never {
   process.exit(1);
 }
 
+/** Set by the first Ctrl-C: the call it cancelled ends the program 130, saying nothing. */
+let isInterrupted = false;
+
+/**
+ * Ctrl-C (SIGINT) ends the program as it ends the Python CLI: the call in flight cancelled
+ * (the gateway closes its upstream request), exit status 130, nothing said; a second one
+ * exits at once. Before, Node died by the signal itself, its call never cancelled.
+ */
+function stopOnCtrlC(client: GatewayClient): void {
+  process.on("SIGINT", () => {
+    if (isInterrupted) {
+      process.exit(130);
+    }
+    isInterrupted = true;
+    process.exitCode = 130;
+    // Each call fails CANCELLED, which main's catch leaves unsaid; the program ends as
+    // its channel closes.
+    client.close();
+  });
+}
+
 async function main(): Promise<void> {
   process.stdout.on("error", endForOutput);
   const started = start(process.argv.slice(2));
@@ -187,6 +209,7 @@ async function main(): Promise<void> {
     return;
   }
   const { args, client } = started;
+  stopOnCtrlC(client);
   const messages = [{ role: Role.ROLE_USER, content: args.prompt }];
   try {
     const { response } = await client.complete(
@@ -214,6 +237,9 @@ async function main(): Promise<void> {
   } catch (error) {
     if (isOutputError(error)) {
       endForOutput(error);
+    }
+    if (isInterrupted) {
+      return; // its exit status, 130, is set
     }
     printError(error);
     process.exitCode = 1;

@@ -38,6 +38,7 @@ import {
   decodeStatusDetails,
   finishReasonToJSON,
   isLoopbackAddress,
+  upstreamHealthToJSON,
 } from "./client";
 
 type Json = Record<string, unknown>;
@@ -627,6 +628,12 @@ const BAD_CLIENT_OPTIONS: Record<string, unknown> = {
   "default-timeout": { defaultTimeout: 500 },
   "tls-string": { tls: "ca.pem" },
   "tls-snake-case": { tls: { ca_file: "ca.pem" } },
+  "api-key-number": { apiKey: 42 },
+  "api-key-object": { apiKey: { key: "llmgw_key_under_a_wrong_name" } },
+  "api-key-buffer": { apiKey: Buffer.from("llmgw_key_under_a_wrong_name") },
+  "api-key-boolean": { apiKey: true },
+  "api-key-carriage-return": { apiKey: "llmgw_key_under_a_wrong_name\r" },
+  "api-key-nul": { apiKey: "llmgw_key_under_a_wrong_name\0" },
 };
 
 async function badClientOptions(_client: GatewayClient, args: Args): Promise<Json> {
@@ -1035,6 +1042,22 @@ async function shownStream(client: GatewayClient, args: Args): Promise<Json> {
   return { content, before, after: util.inspect(events, { depth: null, showHidden: true }) };
 }
 
+async function listModels(client: GatewayClient): Promise<Json> {
+  // Each model with its window and its upstreams' health; a refusal, its status name.
+  try {
+    const { models } = await client.listModels({ timeoutMs: CALL_GUARD_MS });
+    return {
+      models: models.map((model) => ({
+        name: model.name,
+        contextWindow: model.contextWindow,
+        upstreams: model.upstreams.map((u) => [u.name, upstreamHealthToJSON(u.health)]),
+      })),
+    };
+  } catch (error) {
+    return errorJson(error);
+  }
+}
+
 async function decode(args: Args): Promise<Json> {
   const status = Buffer.from(args.statusBase64, "base64");
   if (args.code === undefined) {
@@ -1088,6 +1111,7 @@ const SCENARIOS: Record<string, (client: GatewayClient, args: Args) => Promise<J
   "bad-batch-and-summary": badBatchAndSummary,
   "usage-pages": usagePages,
   "usage-savings": usageSavings,
+  "list-models": listModels,
 };
 
 /**
