@@ -518,8 +518,9 @@ class Pipeline:
         # only after account() (or on failure), so the cost always counts, reserved or spent.
         async with self._budgets.holding() as hold:
             owed = _Owed()
+            log = AttemptLog(is_rerun=is_rerun)
             fetch = functools.partial(
-                self._complete, prepared, hold, owed, deadline, started, is_rerun=is_rerun
+                self._complete, prepared, hold, owed, deadline, started, log=log
             )
             try:
                 cache = self._cache
@@ -530,7 +531,11 @@ class Pipeline:
                     if repeat_key is not None:
                         key = self._remember(repeat_key, prepared, mode)
                     completion = await cache.complete(
-                        request, fetch=fetch, deadline=deadline, key=key
+                        request,
+                        fetch=fetch,
+                        deadline=deadline,
+                        key=key,
+                        sent_nothing=log.sent_nothing,
                     )
                     _count_shared_wait(completion)
                     completion = _with_dropped(completion, prepared.dropped)
@@ -706,11 +711,11 @@ class Pipeline:
         deadline: Deadline,
         started: float,
         *,
-        is_rerun: bool,
+        log: AttemptLog,
     ) -> Completion:
-        """The upstream call behind a cache miss; budgets are checked and reserved only here."""
+        """The upstream call behind a cache miss, its attempts told in `log`; budgets are
+        checked and reserved only here."""
         request = prepared.request
-        log = AttemptLog(is_rerun=is_rerun)
         # `_billed_prompt_tokens` written out: a Python call less on every miss.
         prompt_tokens = self.calibration.billed_tokens(
             request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
@@ -871,11 +876,16 @@ class Pipeline:
         request = prepared.request
         async with self._budgets.holding() as hold:  # released after account(), as in complete()
             owed = _Owed()
-            fetch = functools.partial(self._stream, prepared, hold, owed, deadline, started)
+            log = AttemptLog()
+            fetch = functools.partial(
+                self._stream, prepared, hold, owed, deadline, started, log=log
+            )
             events = (
                 fetch()
                 if self._cache is None
-                else self._cache.stream(request, fetch=fetch, deadline=deadline)
+                else self._cache.stream(
+                    request, fetch=fetch, deadline=deadline, sent_nothing=log.sent_nothing
+                )
             )
             try:
                 async with contextlib.aclosing(events):
@@ -899,10 +909,12 @@ class Pipeline:
         owed: _Owed,
         deadline: Deadline,
         started: float,
+        *,
+        log: AttemptLog,
     ) -> AsyncGenerator[Delta | Completion, None]:
-        """The upstream stream behind a cache miss; budgets are checked and reserved only here."""
+        """The upstream stream behind a cache miss, its attempts told in `log`; budgets are
+        checked and reserved only here."""
         request = prepared.request
-        log = AttemptLog()
         relayed: list[TextChunk] = []
         end: StreamEnd | None = None
         prompt_tokens = self.calibration.billed_tokens(  # `_billed_prompt_tokens`, inline

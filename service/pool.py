@@ -192,6 +192,12 @@ class AttemptLog:
         self.output = []
         self.usage = None
 
+    def sent_nothing(self) -> bool:
+        """Whether nothing of the call was sent yet: no attempt of it was begun. Asked by
+        a caller that leaves a call it shares (the cache's single flight), in its own task,
+        where the pool cannot mark its cancel (`mark_unsent`)."""
+        return self.attempts == 0
+
     def reported(self, usage: Usage) -> None:
         """The last attempt's stream ended having reported `usage`."""
         self.usage = usage

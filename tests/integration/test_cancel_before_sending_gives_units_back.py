@@ -17,12 +17,14 @@ from typing import Any
 import grpc
 import pytest
 
+from llmgateway.v1 import gateway_pb2 as pb
 from service.errors import QuotaExceeded
 from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
 from tests.integration.tenancy_helpers import as_tenant
 from tests.integration.test_drain_gives_units_back import (
     REQUESTS_PER_MINUTE,
+    held_upstream,
     leases_held,
     limited_config,
     stored_level,
@@ -32,14 +34,16 @@ from tests.integration.test_shutdown_cut_off import collect
 from tests.scripted_upstream import ScriptedUpstream
 
 
-def started_call(gateway: RunningGateway, mode: str, text: str) -> tuple[Any, asyncio.Future[Any]]:
-    """team-a's Complete (`unary`) or CompleteStream (`stream`, read) of `text`, started,
-    and its end as the caller sees it."""
+def started_call(
+    gateway: RunningGateway, mode: str, text: str, **fields: Any
+) -> tuple[Any, asyncio.Future[Any]]:
+    """team-a's Complete (`unary`) or CompleteStream (`stream`, read) of `text` (and
+    `fields`), started, and its end as the caller sees it."""
     metadata = as_tenant("team-a")
     if mode == "unary":
-        call = gateway.stub.Complete(chat(text), metadata=metadata, timeout=30)
+        call = gateway.stub.Complete(chat(text, **fields), metadata=metadata, timeout=30)
         return call, asyncio.ensure_future(call)
-    call = gateway.stub.CompleteStream(chat_stream(text), metadata=metadata, timeout=30)
+    call = gateway.stub.CompleteStream(chat_stream(text, **fields), metadata=metadata, timeout=30)
     return call, asyncio.ensure_future(collect(call))
 
 
@@ -97,3 +101,67 @@ async def test_a_call_cancelled_before_it_was_sent_gives_its_request_back(
         await fake.wait_until(lambda: fake.in_flight == 0)
         assert len(fake.requests) == 1  # the first call's alone
         await assert_requests_left(gateway, REQUESTS_PER_MINUTE - 1, redis_url)
+
+
+# Answers the cache keeps, so that identical calls share one upstream call (single flight).
+DETERMINISTIC = pb.GenerationParams(temperature=0.0)
+
+
+async def following(gateway: RunningGateway, callers: int) -> None:
+    """Return once `callers` follow shared upstream calls (the cache's single flight): a
+    caller cancelled has left once its server side saw the cancel."""
+    cache = gateway.server.pipeline.cache
+    assert cache is not None
+    while cache.following != callers:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_sharing_an_unsent_call_gives_its_request_back_as_it_leaves(
+    start_gateway: Any, limits_redis_url: str | None, mode: str
+) -> None:
+    """team-a's first call waits for the upstream's one slot (team-b's call holds it), and
+    an identical second call shares it (single flight); the second is cancelled before the
+    shared call was sent, which then is: the second's request goes back, the first's stays
+    spent. Before, the cancel reached the second call's task, where nothing said the call
+    it shared was unsent, and both stayed spent."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+        gateway = await start_gateway(limited_config(fake.base_url, limits, redis_url=redis_url))
+        held = await held_upstream(gateway, fake)
+        first = started_call(gateway, mode, "shared", params=DETERMINISTIC)
+        await waiting_at_the_upstream(gateway)
+        second = started_call(gateway, mode, "shared", params=DETERMINISTIC)
+        await following(gateway, 2)
+        await cancelled(*second)
+        await following(gateway, 1)
+        fake.gate.set()
+        assert await first[1]
+        assert (await held).content
+        await settled(gateway)
+        assert len(fake.requests) == 2  # team-b's and the shared call
+        await assert_requests_left(gateway, REQUESTS_PER_MINUTE - 1, redis_url)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_lone_cached_call_cancelled_before_it_was_sent_gives_its_request_back(
+    start_gateway: Any, limits_redis_url: str | None, mode: str
+) -> None:
+    """A call the cache would keep runs its upstream call in a task of its own (single
+    flight): cancelled as it waits for the upstream's slot, it gives its request back as
+    a call the cache passes by does."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,)) as fake:
+        limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+        gateway = await start_gateway(limited_config(fake.base_url, limits, redis_url=redis_url))
+        held = await held_upstream(gateway, fake)
+        waiting = started_call(gateway, mode, "alone", params=DETERMINISTIC)
+        await waiting_at_the_upstream(gateway)
+        await cancelled(*waiting)
+        await following(gateway, 0)
+        fake.gate.set()
+        assert (await held).content
+        await settled(gateway)
+        assert len(fake.requests) == 1  # team-b's alone
+        await assert_requests_left(gateway, REQUESTS_PER_MINUTE, redis_url)
