@@ -40,7 +40,13 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
-from service.errors import GatewayError, ShuttingDown, UpstreamContextExceeded
+from service.errors import (
+    GatewayError,
+    ShuttingDown,
+    UpstreamContextExceeded,
+    ended_unsent,
+    mark_unsent,
+)
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
@@ -236,7 +242,9 @@ class Pipeline:
         """`turn` (a batch item's or a Summarize part's, under its tenant's limits) held
         for the body: the item's or the part's upstream call. One refused before any try
         of it was sent (its tenant's budget; its upstreams' limits, open breakers) gives
-        the turn's per-minute units back (`GatewayError.is_unsent`), as a plain call does.
+        the turn's per-minute units back (`GatewayError.is_unsent`), as a plain call does,
+        and so does one cancelled (its caller, its deadline, its Summarize's failed part)
+        while it waited so (a cancel marked unsent: `ended_unsent`).
 
         Raises:
             ShuttingDown: the server began stopping before the turn came. Its wait is
@@ -259,8 +267,8 @@ class Pipeline:
                 raise ShuttingDown(is_unsent=True)
             try:
                 yield
-            except GatewayError as refused:
-                if refused.is_unsent and taken is not None:
+            except (GatewayError, asyncio.CancelledError) as ended:
+                if ended_unsent(ended) and taken is not None:
                     await taken.give_back_rate()
                 raise
 
@@ -589,8 +597,12 @@ class Pipeline:
                     raise  # its turn would come after the deadline: said now, with when
                 refusal = exc
             # Its tries so far were all refused before any was begun (`_sooner_limit`).
-            async with self._ended_by_drain(is_unsent=True):
-                await self._next_turn(request.tenant, refusal)
+            try:
+                async with self._ended_by_drain(is_unsent=True):
+                    await self._next_turn(request.tenant, refusal)
+            except asyncio.CancelledError as cancel:
+                mark_unsent(cancel)
+                raise
 
     async def _next_turn(self, tenant: str, refusal: LimitExceeded | HeldByCallsInFlight) -> None:
         """Wait for a refused call's next try. Refused for what its tenant's calls in
@@ -624,8 +636,12 @@ class Pipeline:
         """
         if self.is_stopping:
             raise ShuttingDown(last_error=last_error, is_unsent=is_unsent)
-        async with self._ended_by_drain(last_error=last_error, is_unsent=is_unsent):
-            await sleep(seconds)
+        try:
+            async with self._ended_by_drain(last_error=last_error, is_unsent=is_unsent):
+                await sleep(seconds)
+        except asyncio.CancelledError as cancel:  # cut as it waited: unsent as a refusal
+            mark_unsent(cancel, is_unsent=is_unsent)
+            raise
 
     def _remember(
         self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode

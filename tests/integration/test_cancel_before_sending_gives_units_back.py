@@ -24,6 +24,8 @@ from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
 from tests.integration.tenancy_helpers import as_tenant
 from tests.integration.test_drain_gives_units_back import (
     REQUESTS_PER_MINUTE,
+    SHORT_DOCUMENT,
+    assert_bucket_full,
     held_upstream,
     leases_held,
     limited_config,
@@ -31,6 +33,7 @@ from tests.integration.test_drain_gives_units_back import (
     waiting_at_the_upstream,
 )
 from tests.integration.test_shutdown_cut_off import collect
+from tests.integration.test_summarize import default_respond
 from tests.scripted_upstream import ScriptedUpstream
 
 
@@ -57,6 +60,12 @@ async def cancelled(call: Any, ending: asyncio.Future[Any]) -> None:
 async def settled(gateway: RunningGateway) -> None:
     """Return once every call ended, its give-back awaited."""
     while not gateway.server.admission.is_idle:
+        await asyncio.sleep(0.01)
+
+
+async def calls_in_flight(gateway: RunningGateway, calls: int) -> None:
+    """Return once `calls` calls run, those cancelled ended, their give-back awaited."""
+    while gateway.server.admission.in_flight != calls:
         await asyncio.sleep(0.01)
 
 
@@ -165,3 +174,48 @@ async def test_a_lone_cached_call_cancelled_before_it_was_sent_gives_its_request
         await settled(gateway)
         assert len(fake.requests) == 1  # team-b's alone
         await assert_requests_left(gateway, REQUESTS_PER_MINUTE, redis_url)
+
+
+def started_batch_or_summary(gateway: RunningGateway, kind: str) -> tuple[Any, asyncio.Future[Any]]:
+    """team-a's CompleteBatch of one item (`batch`), or Summarize of a document sent whole
+    in one call (`summary`), started, and its end as the caller sees it."""
+    metadata = as_tenant("team-a")
+    if kind == "batch":
+        batch = pb.CompleteBatchRequest(items=[pb.BatchItem(id="q0", request=chat("q0"))])
+        call = gateway.stub.CompleteBatch(batch, metadata=metadata, timeout=30)
+        return call, asyncio.ensure_future(collect(call))
+    summary = pb.SummarizeRequest(model=FAKE_MODEL, document=SHORT_DOCUMENT)
+    call = gateway.stub.Summarize(summary, metadata=metadata, timeout=30)
+    return call, asyncio.ensure_future(call)
+
+
+# What an item's turn takes (one request), and a part's (its tokens): slow to refill,
+# so that what was not given back shows.
+TURN_TAKES = {
+    "batch": ("rpm", {"requests_per_minute": REQUESTS_PER_MINUTE}),
+    "summary": ("tpm", {"tokens_per_minute": 1_000}),
+}
+
+
+@pytest.mark.parametrize("kind", ["batch", "summary"])
+async def test_an_item_or_part_cancelled_before_it_was_sent_gives_its_turn_back(
+    start_gateway: Any, limits_redis_url: str | None, kind: str
+) -> None:
+    """team-a's batch item (Summarize part) takes its turn, a request (its tokens) of its
+    tenant's per-minute limits, and waits for the upstream's one slot, which team-b's call
+    holds, as its caller cancels the call: nothing of it was sent, and what its turn took
+    goes back. Before, only a refusal (a `GatewayError`) said so, and a cancel kept it."""
+    redis_url = limits_redis_url
+    bucket, limits = TURN_TAKES[kind]
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        gateway = await start_gateway(limited_config(fake.base_url, limits, redis_url=redis_url))
+        held = await held_upstream(gateway, fake)
+        waiting = started_batch_or_summary(gateway, kind)
+        await waiting_at_the_upstream(gateway)
+        await cancelled(*waiting)
+        await calls_in_flight(gateway, 1)  # team-b's
+        fake.gate.set()
+        assert (await held).content
+        assert len(fake.requests) == 1  # team-b's alone
+        (capacity,) = limits.values()
+        await assert_bucket_full(gateway, bucket, capacity, redis_url)
