@@ -76,6 +76,7 @@ from service.errors import (
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
+    ended_unsent,
     mark_unsent,
 )
 from service.ledger import PICO, to_pico
@@ -441,11 +442,11 @@ class _Tally:
     @contextlib.contextmanager
     def sending(self) -> Iterator[None]:
         """Around one try of a call: its failure, unless refused unsent (`is_unsent`),
-        counts as sent."""
+        counts as sent, and so does its cancel, unless marked unsent (`ended_unsent`)."""
         try:
             yield
-        except GatewayError as exc:
-            if not exc.is_unsent:
+        except (GatewayError, asyncio.CancelledError) as ended:
+            if not ended_unsent(ended):
                 self.was_sent = True
             raise
 
@@ -811,7 +812,8 @@ class Summarizer:
         Raises:
             GatewayError: the summary failed; `is_unsent` when none of its calls was sent
                 (nor answered from the cache), so that the request its tenant's limits
-                took for it goes back (`CallerGate.admit`).
+                took for it goes back (`CallerGate.admit`), as it does for a cancel so
+                marked (`mark_unsent`).
         """
         tally = _Tally()
         try:
@@ -824,6 +826,9 @@ class Summarizer:
             )
         except GatewayError as failed:
             failed.is_unsent = not tally.was_sent
+            raise
+        except asyncio.CancelledError as cancel:  # its parts' tasks ended before it
+            mark_unsent(cancel, is_unsent=not tally.was_sent)
             raise
 
     async def _summarize(

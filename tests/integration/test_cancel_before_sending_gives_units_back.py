@@ -219,3 +219,44 @@ async def test_an_item_or_part_cancelled_before_it_was_sent_gives_its_turn_back(
         assert len(fake.requests) == 1  # team-b's alone
         (capacity,) = limits.values()
         await assert_bucket_full(gateway, bucket, capacity, redis_url)
+
+
+async def test_a_summary_cancelled_before_any_of_its_calls_was_sent_gives_its_request_back(
+    start_gateway: Any, limits_redis_url: str | None
+) -> None:
+    """team-a's Summarize takes one of its three requests a minute as it is admitted, and
+    its one part waits for the upstream's one slot (team-b's call holds it) as its caller
+    cancels it: none of its calls was sent, and its request goes back. Before, only a
+    refusal said so, and a cancelled Summarize kept its request."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+        gateway = await start_gateway(limited_config(fake.base_url, limits, redis_url=redis_url))
+        held = await held_upstream(gateway, fake)
+        waiting = started_batch_or_summary(gateway, "summary")
+        await waiting_at_the_upstream(gateway)
+        await cancelled(*waiting)
+        await calls_in_flight(gateway, 1)  # team-b's
+        fake.gate.set()
+        assert (await held).content
+        assert len(fake.requests) == 1  # team-b's alone
+        await assert_requests_left(gateway, REQUESTS_PER_MINUTE, redis_url)
+
+
+async def test_a_summary_cancelled_once_a_call_of_it_was_sent_keeps_its_request(
+    start_gateway: Any, limits_redis_url: str | None
+) -> None:
+    """team-a's Summarize is cancelled while the upstream holds its one part's answer
+    back: that call was sent, and the Summarize's request stays spent."""
+    redis_url = limits_redis_url
+    async with ScriptedUpstream(models=(FAKE_MODEL,), respond=default_respond) as fake:
+        limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+        gateway = await start_gateway(limited_config(fake.base_url, limits, redis_url=redis_url))
+        fake.gate.clear()
+        sent = started_batch_or_summary(gateway, "summary")
+        await fake.wait_until(lambda: fake.in_flight == 1)
+        await cancelled(*sent)
+        await settled(gateway)
+        fake.gate.set()
+        assert len(fake.requests) == 1
+        await assert_requests_left(gateway, REQUESTS_PER_MINUTE - 1, redis_url)
