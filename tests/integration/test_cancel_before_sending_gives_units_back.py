@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from llmgateway.v1 import gateway_pb2 as pb
 from service.errors import QuotaExceeded
 from service.tenant_limits import MemoryTenantLimiter
 from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream
+from tests.forward_proxy import ForwardProxy
 from tests.integration.tenancy_helpers import as_tenant
 from tests.integration.test_drain_gives_units_back import (
     REQUESTS_PER_MINUTE,
@@ -260,3 +262,32 @@ async def test_a_summary_cancelled_once_a_call_of_it_was_sent_keeps_its_request(
         fake.gate.set()
         assert len(fake.requests) == 1
         await assert_requests_left(gateway, REQUESTS_PER_MINUTE - 1, redis_url)
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_cancelled_while_it_connects_gives_its_request_back(
+    start_gateway: Any, limits_redis_url: str | None, mode: str
+) -> None:
+    """team-a's call begins its attempt on an https upstream behind a proxy that never
+    answers its CONNECT, and is cancelled as it waits for the tunnel: no byte of its
+    request was written, and its request goes back. Before, an attempt begun kept the
+    units, whether or not anything of it was sent."""
+    redis_url = limits_redis_url
+    async with (
+        ScriptedUpstream(models=(FAKE_MODEL,)) as fake,
+        ForwardProxy(hosts={"upstream.test": ("127.0.0.1", fake.port)}, mode="hang") as proxy,
+    ):
+        limits = {"requests_per_minute": REQUESTS_PER_MINUTE}
+        config = limited_config(fake.base_url, limits, redis_url=redis_url)
+        (only,) = config.upstreams
+        behind_proxy = dataclasses.replace(
+            only, base_url=f"https://upstream.test:{fake.port}/v1", proxy_url=proxy.url
+        )
+        gateway = await start_gateway(dataclasses.replace(config, upstreams=(behind_proxy,)))
+        connecting = started_call(gateway, mode, "connecting")
+        while not proxy.requests:  # its CONNECT, never answered
+            await asyncio.sleep(0.01)
+        await cancelled(*connecting)
+        await calls_in_flight(gateway, 0)
+        assert not fake.requests
+        await assert_requests_left(gateway, REQUESTS_PER_MINUTE, redis_url)
