@@ -527,8 +527,9 @@ class CallerGate:
                 self._pace(principal)
             try:
                 yield NO_SLOT
-            except GatewayError as refused:
-                if refused.is_unsent:  # none of its calls was sent (`Summarizer.summarize`)
+            except (GatewayError, asyncio.CancelledError) as ended:
+                # None of its calls was sent, refused or cancelled (`Summarizer.summarize`).
+                if ended_unsent(ended):
                     await self._limiter.give_back_rate(
                         principal.tenant, limits, tokens=0, requests=1, taken=taken
                     )

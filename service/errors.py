@@ -591,12 +591,14 @@ class RateLimitedStreamInterrupted(StreamInterrupted):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def mark_unsent(cancel: BaseException) -> None:
+def mark_unsent(cancel: BaseException, *, is_unsent: bool = True) -> None:
     """Mark `cancel` (the caller's `asyncio.CancelledError`) as ending a call before any
     upstream attempt of it was begun, as a `GatewayError` says it (`is_unsent`): the pool
     marks it on its way out, the caller gate reads it (`ended_unsent`). Set on the one
-    exception rather than kept per call: nothing is added to a call that is not cut."""
-    vars(cancel)["is_unsent"] = True
+    exception rather than kept per call: nothing is added to a call that is not cut.
+    `is_unsent=False` clears it, for a batch's item or a Summarize's part an earlier try
+    of which was sent, as they clear a refusal's."""
+    vars(cancel)["is_unsent"] = is_unsent
 
 
 def ended_unsent(ended: BaseException) -> bool:

@@ -40,7 +40,13 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
-from service.errors import GatewayError, ShuttingDown, UpstreamContextExceeded
+from service.errors import (
+    GatewayError,
+    ShuttingDown,
+    UpstreamContextExceeded,
+    ended_unsent,
+    mark_unsent,
+)
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
@@ -236,7 +242,9 @@ class Pipeline:
         """`turn` (a batch item's or a Summarize part's, under its tenant's limits) held
         for the body: the item's or the part's upstream call. One refused before any try
         of it was sent (its tenant's budget; its upstreams' limits, open breakers) gives
-        the turn's per-minute units back (`GatewayError.is_unsent`), as a plain call does.
+        the turn's per-minute units back (`GatewayError.is_unsent`), as a plain call does,
+        and so does one cancelled (its caller, its deadline, its Summarize's failed part)
+        while it waited so (a cancel marked unsent: `ended_unsent`).
 
         Raises:
             ShuttingDown: the server began stopping before the turn came. Its wait is
@@ -259,8 +267,8 @@ class Pipeline:
                 raise ShuttingDown(is_unsent=True)
             try:
                 yield
-            except GatewayError as refused:
-                if refused.is_unsent and taken is not None:
+            except (GatewayError, asyncio.CancelledError) as ended:
+                if ended_unsent(ended) and taken is not None:
                     await taken.give_back_rate()
                 raise
 
@@ -518,8 +526,9 @@ class Pipeline:
         # only after account() (or on failure), so the cost always counts, reserved or spent.
         async with self._budgets.holding() as hold:
             owed = _Owed()
+            log = AttemptLog(is_rerun=is_rerun)
             fetch = functools.partial(
-                self._complete, prepared, hold, owed, deadline, started, is_rerun=is_rerun
+                self._complete, prepared, hold, owed, deadline, started, log=log
             )
             try:
                 cache = self._cache
@@ -530,7 +539,11 @@ class Pipeline:
                     if repeat_key is not None:
                         key = self._remember(repeat_key, prepared, mode)
                     completion = await cache.complete(
-                        request, fetch=fetch, deadline=deadline, key=key
+                        request,
+                        fetch=fetch,
+                        deadline=deadline,
+                        key=key,
+                        sent_nothing=log.sent_nothing,
                     )
                     _count_shared_wait(completion)
                     completion = _with_dropped(completion, prepared.dropped)
@@ -584,8 +597,12 @@ class Pipeline:
                     raise  # its turn would come after the deadline: said now, with when
                 refusal = exc
             # Its tries so far were all refused before any was begun (`_sooner_limit`).
-            async with self._ended_by_drain(is_unsent=True):
-                await self._next_turn(request.tenant, refusal)
+            try:
+                async with self._ended_by_drain(is_unsent=True):
+                    await self._next_turn(request.tenant, refusal)
+            except asyncio.CancelledError as cancel:
+                mark_unsent(cancel)
+                raise
 
     async def _next_turn(self, tenant: str, refusal: LimitExceeded | HeldByCallsInFlight) -> None:
         """Wait for a refused call's next try. Refused for what its tenant's calls in
@@ -619,8 +636,12 @@ class Pipeline:
         """
         if self.is_stopping:
             raise ShuttingDown(last_error=last_error, is_unsent=is_unsent)
-        async with self._ended_by_drain(last_error=last_error, is_unsent=is_unsent):
-            await sleep(seconds)
+        try:
+            async with self._ended_by_drain(last_error=last_error, is_unsent=is_unsent):
+                await sleep(seconds)
+        except asyncio.CancelledError as cancel:  # cut as it waited: unsent as a refusal
+            mark_unsent(cancel, is_unsent=is_unsent)
+            raise
 
     def _remember(
         self, repeat_key: RepeatKey, prepared: PreparedRequest, mode: CacheMode
@@ -706,11 +727,11 @@ class Pipeline:
         deadline: Deadline,
         started: float,
         *,
-        is_rerun: bool,
+        log: AttemptLog,
     ) -> Completion:
-        """The upstream call behind a cache miss; budgets are checked and reserved only here."""
+        """The upstream call behind a cache miss, its attempts told in `log`; budgets are
+        checked and reserved only here."""
         request = prepared.request
-        log = AttemptLog(is_rerun=is_rerun)
         # `_billed_prompt_tokens` written out: a Python call less on every miss.
         prompt_tokens = self.calibration.billed_tokens(
             request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
@@ -871,11 +892,16 @@ class Pipeline:
         request = prepared.request
         async with self._budgets.holding() as hold:  # released after account(), as in complete()
             owed = _Owed()
-            fetch = functools.partial(self._stream, prepared, hold, owed, deadline, started)
+            log = AttemptLog()
+            fetch = functools.partial(
+                self._stream, prepared, hold, owed, deadline, started, log=log
+            )
             events = (
                 fetch()
                 if self._cache is None
-                else self._cache.stream(request, fetch=fetch, deadline=deadline)
+                else self._cache.stream(
+                    request, fetch=fetch, deadline=deadline, sent_nothing=log.sent_nothing
+                )
             )
             try:
                 async with contextlib.aclosing(events):
@@ -899,10 +925,12 @@ class Pipeline:
         owed: _Owed,
         deadline: Deadline,
         started: float,
+        *,
+        log: AttemptLog,
     ) -> AsyncGenerator[Delta | Completion, None]:
-        """The upstream stream behind a cache miss; budgets are checked and reserved only here."""
+        """The upstream stream behind a cache miss, its attempts told in `log`; budgets are
+        checked and reserved only here."""
         request = prepared.request
-        log = AttemptLog()
         relayed: list[TextChunk] = []
         end: StreamEnd | None = None
         prompt_tokens = self.calibration.billed_tokens(  # `_billed_prompt_tokens`, inline

@@ -70,6 +70,7 @@ from service.shared_limits import SharedLimits
 from service.telemetry import active as telemetry
 from service.telemetry.core import AttemptSpan
 from service.upstream.client import UpstreamClient
+from service.upstream.http import wrote_nothing
 from service.upstream.openai_json import request_body
 from service.upstream.types import (
     RateLimitHints,
@@ -192,6 +193,12 @@ class AttemptLog:
         self.output = []
         self.usage = None
 
+    def sent_nothing(self) -> bool:
+        """Whether nothing of the call was sent yet: no attempt of it was begun. Asked by
+        a caller that leaves a call it shares (the cache's single flight), in its own task,
+        where the pool cannot mark its cancel (`mark_unsent`)."""
+        return self.attempts == 0
+
     def reported(self, usage: Usage) -> None:
         """The last attempt's stream ended having reported `usage`."""
         self.usage = usage
@@ -241,6 +248,14 @@ class AttemptLog:
         if (self.is_accepted and not isinstance(exc, UpstreamNotOpenAI)) or timed_out:
             lost = LostAttempt(upstream, self.span, tuple(self.output), self.usage)
             self.lost = (*self.lost, lost)
+
+
+def _mark_if_unsent(cancel: BaseException, log_: AttemptLog) -> None:
+    """Mark `cancel`, which cut the call's first attempt before any byte of its request
+    was written (`wrote_nothing`: connecting, or waiting for a connection), unsent
+    (`mark_unsent`), as a cancel before any attempt was begun is."""
+    if log_.attempts == 1 and wrote_nothing(cancel):
+        mark_unsent(cancel)
 
 
 @dataclass(slots=True)
@@ -1408,6 +1423,7 @@ class UpstreamPool:
                 log.cut()
                 route.breaker.release(probe)
                 record(error=exc, is_callers_cut=not isinstance(exc, Exception))
+                _mark_if_unsent(exc, log)
                 raise
             finally:
                 state.limiter.release()
@@ -1534,6 +1550,7 @@ class UpstreamPool:
                 progress.failed(exc, route)
                 continue
             except BaseException as exc:  # cancelled, or the consumer stopped reading
+                _mark_if_unsent(exc, log)
                 route.breaker.release(probe)
                 if not is_finished:
                     log.cut()

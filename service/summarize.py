@@ -76,6 +76,8 @@ from service.errors import (
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
+    ended_unsent,
+    mark_unsent,
 )
 from service.ledger import PICO, to_pico
 from service.pipeline import Pipeline, TakenTurn
@@ -440,11 +442,11 @@ class _Tally:
     @contextlib.contextmanager
     def sending(self) -> Iterator[None]:
         """Around one try of a call: its failure, unless refused unsent (`is_unsent`),
-        counts as sent."""
+        counts as sent, and so does its cancel, unless marked unsent (`ended_unsent`)."""
         try:
             yield
-        except GatewayError as exc:
-            if not exc.is_unsent:
+        except (GatewayError, asyncio.CancelledError) as ended:
+            if not ended_unsent(ended):
                 self.was_sent = True
             raise
 
@@ -810,7 +812,8 @@ class Summarizer:
         Raises:
             GatewayError: the summary failed; `is_unsent` when none of its calls was sent
                 (nor answered from the cache), so that the request its tenant's limits
-                took for it goes back (`CallerGate.admit`).
+                took for it goes back (`CallerGate.admit`), as it does for a cancel so
+                marked (`mark_unsent`).
         """
         tally = _Tally()
         try:
@@ -823,6 +826,9 @@ class Summarizer:
             )
         except GatewayError as failed:
             failed.is_unsent = not tally.was_sent
+            raise
+        except asyncio.CancelledError as cancel:  # its parts' tasks ended before it
+            mark_unsent(cancel, is_unsent=not tally.was_sent)
             raise
 
     async def _summarize(
@@ -1187,6 +1193,10 @@ class Summarizer:
                     refused.is_unsent = refused.is_unsent and not was_sent
                     refused.attempt_failures = (*failures, *refused.attempt_failures)
                     raise
+                except asyncio.CancelledError as cancel:  # cut as it waited: as a refusal
+                    if was_sent:
+                        mark_unsent(cancel, is_unsent=False)
+                    raise
                 except UpstreamContextExceeded:
                     raise  # the text is split again (`_call_if_fits`)
                 except UpstreamRejected as exc:
@@ -1259,6 +1269,9 @@ class Summarizer:
             # The try refused for its temperature was sent: so was this one's call, whatever
             # stopped it (its turn's units, and the Summarize's request, stay spent).
             refused.is_unsent = False
+            raise
+        except asyncio.CancelledError as cancel:  # however it was cut, as a refusal
+            mark_unsent(cancel, is_unsent=False)
             raise
 
 

@@ -269,6 +269,7 @@ class ResponseCache:
         request: ChatRequest,
         mode: CacheMode,
         call: Callable[[Callable[[Delta], None]], Awaitable[CachedAnswer]],
+        sent_nothing: Callable[[], bool] | None,
     ) -> tuple[Flight[CachedAnswer], bool]:
         own_plan = _StorePlan(self.ttl_for(request), mode.writes)
 
@@ -282,7 +283,9 @@ class ResponseCache:
             if self._plans.get(key) is own_plan:
                 del self._plans[key]
 
-        flight, is_leader = self._flights.join(key, call, after=store, on_end=drop_plan)
+        flight, is_leader = self._flights.join(
+            key, call, after=store, on_end=drop_plan, sent_nothing=sent_nothing
+        )
         if is_leader:
             self._plans[key] = own_plan
         else:
@@ -295,11 +298,19 @@ class ResponseCache:
         return (self._clock.now() - started) * _MS
 
     async def complete(
-        self, request: ChatRequest, *, fetch: Fetch, deadline: Deadline, key: str | None = None
+        self,
+        request: ChatRequest,
+        *,
+        fetch: Fetch,
+        deadline: Deadline,
+        key: str | None = None,
+        sent_nothing: Callable[[], bool] | None = None,
     ) -> Completion:
         """The answer to `request`: from the cache, a shared call, or `fetch()`.
 
         `key`, when given, is `key_for(request)` already derived by the caller.
+        `sent_nothing` says whether nothing of `fetch`'s call was sent yet: a caller
+        cancelled as it shares that call is told so (`SingleFlight.wait`).
         """
         mode = self.mode_for(request)
         if mode is CacheMode.BYPASS:
@@ -331,7 +342,7 @@ class ResponseCache:
         lookup = _Lookup(self.stats)
         try:
             while True:
-                flight, is_leader = self._join(key, request, mode, call)
+                flight, is_leader = self._join(key, request, mode, call, sent_nothing)
                 lookup.is_leader = is_leader
                 joined = self._clock.now()
                 try:
@@ -354,9 +365,15 @@ class ResponseCache:
         )
 
     async def stream(
-        self, request: ChatRequest, *, fetch: FetchStream, deadline: Deadline
+        self,
+        request: ChatRequest,
+        *,
+        fetch: FetchStream,
+        deadline: Deadline,
+        sent_nothing: Callable[[], bool] | None = None,
     ) -> AsyncGenerator[Delta | Completion, None]:
-        """The streamed answer to `request`: replayed, shared live, or from `fetch()`."""
+        """The streamed answer to `request`: replayed, shared live, or from `fetch()`;
+        `sent_nothing` as for `complete`."""
         mode = self.mode_for(request)
         if mode is CacheMode.BYPASS:
             async with contextlib.aclosing(fetch()) as events:
@@ -401,7 +418,7 @@ class ResponseCache:
 
         lookup = _Lookup(self.stats)
         while True:  # retried as in `complete`
-            flight, is_leader = self._join(key, request, mode, call)
+            flight, is_leader = self._join(key, request, mode, call, sent_nothing)
             lookup.is_leader = is_leader
             joined = self._clock.now()
             sent = 0

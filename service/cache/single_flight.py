@@ -11,7 +11,10 @@ what the provider bills for it all the same).
 
 A failed call's `GatewayError` reaches each follower as a copy of its own: a follower
 that marks it (`is_unsent`, cleared by a batch item or Summarize part an earlier try of
-which was sent) leaves the others' as the shared call left it.
+which was sent) leaves the others' as the shared call left it. A follower cancelled
+before the shared call sent anything (its first caller waiting at its upstream's limits)
+has its cancel marked unsent (`mark_unsent`), as the pool marks a cancel in its own task:
+it sent nothing of its own, and its tenant's per-minute units go back.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 from service.domain import Delta
-from service.errors import GatewayError
+from service.errors import GatewayError, mark_unsent
 
 __all__ = ["Flight", "SingleFlight"]
 
@@ -36,8 +39,10 @@ Call = Callable[[Callable[[Delta], None]], Awaitable[T]]
 class Flight(Generic[T]):
     """One shared call in progress: its published deltas so far and its result."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, sent_nothing: Callable[[], bool] | None = None) -> None:
         self.key = key
+        # Whether nothing of the call was sent yet (None: not known, taken as sent).
+        self.sent_nothing = sent_nothing
         self.deltas: list[Delta] = []
         self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Mark a failure as retrieved even when every follower has left: no
@@ -58,6 +63,12 @@ class Flight(Generic[T]):
 
     async def _until_changed(self) -> None:
         await self._changed.wait()
+
+    def left(self, cancel: BaseException) -> None:
+        """A follower is leaving, cancelled (`cancel`): marked unsent when nothing of the
+        call was sent yet."""
+        if self.sent_nothing is not None and self.sent_nothing():
+            mark_unsent(cancel)
 
 
 class SingleFlight(Generic[T]):
@@ -91,11 +102,14 @@ class SingleFlight(Generic[T]):
         *,
         after: Callable[[T], Awaitable[None]] | None = None,
         on_end: Callable[[], None] | None = None,
+        sent_nothing: Callable[[], bool] | None = None,
     ) -> tuple[Flight[T], bool]:
         """The flight for `key`, started with `call` if none is running: (flight, started).
 
         `on_end` (of a flight this join starts) runs once its task is done, however it
         ended: with a result, an error, or cancelled, even before it first ran.
+        `sent_nothing` (of a flight this join starts) says whether nothing of `call` was
+        sent yet, for a follower cancelled meanwhile (`Flight.left`).
         """
         if self._is_closed:
             raise RuntimeError("SingleFlight is closed")
@@ -104,7 +118,7 @@ class SingleFlight(Generic[T]):
             return flight, False
         # Not `Flight[T](key)`: calling the subscripted alias costs two Python calls more
         # (typing's cache of the alias, then its `__call__` setting `__orig_class__`).
-        flight = Flight(key)
+        flight = Flight(key, sent_nothing)
         self._flights[key] = flight
         task = asyncio.get_running_loop().create_task(
             self._run(flight, call, after), name=f"single-flight {key[-12:]}"
@@ -173,6 +187,9 @@ class SingleFlight(Generic[T]):
                 return await asyncio.shield(flight.result)
             except GatewayError as shared:
                 own = copy.copy(shared)
+            except asyncio.CancelledError as cancel:
+                flight.left(cancel)
+                raise
             raise own  # outside the handler: not chained to the error it copies
 
     async def follow(self, flight: Flight[T]) -> AsyncGenerator[Delta | T, None]:
@@ -185,7 +202,11 @@ class SingleFlight(Generic[T]):
                     sent += 1
                 if flight.result.done():
                     break
-                await flight._until_changed()
+                try:
+                    await flight._until_changed()
+                except asyncio.CancelledError as cancel:
+                    flight.left(cancel)
+                    raise
             try:
                 result = flight.result.result()
             except GatewayError as shared:

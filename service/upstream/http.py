@@ -90,6 +90,13 @@ class NotHttp(HttpError):
     client accept. llhttp's reason is in the message."""
 
 
+def wrote_nothing(cancel: BaseException) -> bool:
+    """Whether `cancel` (a caller's `asyncio.CancelledError`) cut `HttpPool.request` before
+    any byte of the request was written: as it waited for a connection, or made one (a
+    TCP connect, a TLS handshake, a proxy's tunnel), none of which is the request."""
+    return getattr(cancel, "wrote_nothing", False) is True
+
+
 class ConnectFailed(HttpError):
     """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
 
@@ -939,14 +946,20 @@ class HttpPool:
             head = _head(method, target, self.host_header, headers, len(body), checked=checked)
         may_reuse = True
         while True:
-            if not self._slots.try_take():
-                await self._slots.take()
+            try:
+                if not self._slots.try_take():
+                    await self._slots.take()
+            except asyncio.CancelledError as cancel:
+                vars(cancel)["wrote_nothing"] = may_reuse  # else written on a closed one
+                raise
             try:
                 connection = self._idle_connection() if may_reuse else None
                 is_reused = connection is not None
                 connection = connection or await self._connect()
-            except BaseException:
+            except BaseException as exc:
                 self._slots.give()
+                if isinstance(exc, asyncio.CancelledError):
+                    vars(exc)["wrote_nothing"] = may_reuse
                 raise
             self._busy.add(connection)
             response = Response(self, connection)
