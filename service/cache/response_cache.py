@@ -54,6 +54,10 @@ __all__ = ["ResponseCache", "is_deterministic"]
 log = logging.getLogger("llm_gateway.cache")
 
 _MS = 1000.0
+# The most deltas a stream's cached copy keeps while it streams: past it every two are
+# joined (`_halved`), so that millions of one-character pieces are not held as as many
+# strings. A hit replays an answer streamed in fewer as it came.
+MAX_CACHED_DELTAS = 4096
 # How long, and for how many keys, `recall` reuses an answer a store read returned.
 RECENT_READ_S = 1.0
 _RECENT_READS = 256
@@ -386,6 +390,7 @@ class ResponseCache:
 
         async def call(publish: Callable[[Delta], None]) -> CachedAnswer:
             deltas: list[str] = []
+            held = 0  # len(deltas), counted: no call per delta
             completion: Completion | None = None
             async with contextlib.aclosing(fetch()) as events:
                 async for event in events:
@@ -394,6 +399,10 @@ class ResponseCache:
                     else:
                         if event.content:  # reasoning or tool calls only: in the completion
                             deltas.append(event.content)
+                            held += 1
+                            if held == MAX_CACHED_DELTAS:
+                                deltas = _halved(deltas)
+                                held = len(deltas)
                         publish(event)
             if completion is None:  # the pipeline ends every stream with a Completion
                 raise RuntimeError("stream ended without its completion")
@@ -449,6 +458,7 @@ class ResponseCache:
         self, key: str, request: ChatRequest, fetch: FetchStream
     ) -> AsyncGenerator[Delta | Completion, None]:
         deltas: list[str] = []
+        held = 0  # len(deltas), counted: no call per delta
         async with contextlib.aclosing(fetch()) as events:
             async for event in events:
                 if isinstance(event, Completion):
@@ -460,6 +470,10 @@ class ResponseCache:
                     )
                 elif event.content:
                     deltas.append(event.content)
+                    held += 1
+                    if held == MAX_CACHED_DELTAS:
+                        deltas = _halved(deltas)
+                        held = len(deltas)
                 yield event
 
     async def aclose(self) -> None:
@@ -472,3 +486,9 @@ class ResponseCache:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _halved(deltas: list[str]) -> list[str]:
+    """`deltas` with every two joined: half as many, the same text."""
+    pairs = [first + second for first, second in zip(deltas[::2], deltas[1::2], strict=False)]
+    return pairs + deltas[-1:] if len(deltas) % 2 else pairs

@@ -17,6 +17,7 @@ import orjson
 
 from service.domain import (
     DEFAULT_SCHEMA_NAME,
+    FOLDED_EVERY,
     MAX_TOKEN_COUNT,
     MAX_TOOL_CALL_FIELD,
     MAX_TOOL_CALLS_PER_MESSAGE,
@@ -1077,6 +1078,8 @@ class StreamParser:
         _check_id_and_name(known.id, known.name)  # before it is held, waiting for the other
         if arguments:
             known.held.append(arguments)
+            if len(known.held) == FOLDED_EVERY:  # one-character pieces: held as their text
+                known.held[:] = ["".join(known.held)]
             known.held_chars += len(arguments)
             self._held_chars += len(arguments)
             if self._held_chars > _MAX_HELD_CHARS:
