@@ -828,6 +828,16 @@ def _listed(indexes: Collection[int]) -> str:
     return ", ".join(str(index) for index in sorted(indexes))
 
 
+def _informational(value: object) -> str:
+    """An answer's `id` or `model` as the gateway passes it on: "" (not given: the caller
+    gets the gateway's own id, and the model asked of the upstream) for one that is not
+    printable text. They only inform, unlike a tool call's id the caller sends back (a
+    control character there makes the answer malformed), and reach the caller, the cache,
+    logs, spans and terminals, where an escape sequence would be written as it came."""
+    text = str(value or "")
+    return text if text.isprintable() else ""
+
+
 def parse_completion(
     raw: bytes, *, model: str = "", rate_limits: RateLimitHints = _NO_HINTS, waited_s: float = 0.0
 ) -> UpstreamReply:
@@ -876,9 +886,16 @@ def parse_completion(
         raise _unreadable(parts.skipped)
     if refusal:  # never an empty "stop" answer, cached and served as if answered
         content, reason = (content or "") + refusal, FinishReason.CONTENT_FILTER
+    # `_informational`, inline for a text id and the model asked for: no call more than `str`.
+    answer_id = data.get("id")
+    if answer_id.__class__ is not str or not answer_id.isprintable():
+        answer_id = _informational(answer_id)
+    answered = data.get("model")
+    if answered.__class__ is not str or (answered != model and not answered.isprintable()):
+        answered = _informational(answered)
     return UpstreamReply(
-        id=str(data.get("id") or ""),
-        model=str(data.get("model") or model),
+        id=answer_id,
+        model=answered or model,
         content=content or "",
         finish_reason=reason,
         usage=usage(data.get("usage")),
@@ -1124,8 +1141,8 @@ class StreamParser:
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none
             raise ReportedError(data)
         if not self.id:
-            self.id = str(event.get("id") or "")
-            self.model = str(event.get("model") or "")
+            self.id = _informational(event.get("id"))
+            self.model = _informational(event.get("model"))
         if event.get("usage"):
             self._take_usage(usage(event["usage"]))
         choices = event.get("choices")
