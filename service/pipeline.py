@@ -924,8 +924,8 @@ class Pipeline:
                                 relayed.append(event)
                                 unfolded += 1
                                 if unfolded == FOLDED_EVERY:
-                                    fold_chunks(relayed)
-                                    unfolded = 1
+                                    fold_chunks(relayed, FOLDED_EVERY)
+                                    unfolded = 0
                                 yield Delta(event.content, event.tool_calls, event.reasoning)
                             else:
                                 end = event

@@ -204,8 +204,8 @@ class AttemptLog:
         self.output.append(chunk)
         self.unfolded += 1
         if self.unfolded == FOLDED_EVERY:
-            fold_chunks(self.output)
-            self.unfolded = 1
+            fold_chunks(self.output, FOLDED_EVERY)
+            self.unfolded = 0
 
     def sent(self) -> None:
         """The last attempt's request reached the upstream whole."""

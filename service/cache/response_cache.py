@@ -45,7 +45,7 @@ from service.cache.stats import CacheStats
 from service.cache.store import CacheStore
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import CacheConfig
-from service.domain import CacheMode, ChatRequest, Completion, Delta
+from service.domain import FOLDED_EVERY, CacheMode, ChatRequest, Completion, Delta
 from service.errors import DeadlineExceeded, StreamInterrupted, UpstreamError
 from service.memo import BoundedMemo
 
@@ -54,9 +54,10 @@ __all__ = ["ResponseCache", "is_deterministic"]
 log = logging.getLogger("llm_gateway.cache")
 
 _MS = 1000.0
-# The most deltas a stream's cached copy keeps while it streams: past it every two are
-# joined (`_halved`), so that millions of one-character pieces are not held as as many
-# strings. A hit replays an answer streamed in fewer as it came.
+# The most deltas a stream's cached copy keeps as they came: past it, those that came
+# since are joined every `FOLDED_EVERY` (`_folded_tail`), so that millions of
+# one-character pieces are not held as as many strings. A hit replays an answer streamed
+# in fewer as it came.
 MAX_CACHED_DELTAS = 4096
 # How long, and for how many keys, `recall` reuses an answer a store read returned.
 RECENT_READ_S = 1.0
@@ -390,7 +391,7 @@ class ResponseCache:
 
         async def call(publish: Callable[[Delta], None]) -> CachedAnswer:
             deltas: list[str] = []
-            held = 0  # len(deltas), counted: no call per delta
+            held, fold_at = 0, MAX_CACHED_DELTAS  # deltas since the last fold; when to fold
             completion: Completion | None = None
             async with contextlib.aclosing(fetch()) as events:
                 async for event in events:
@@ -400,9 +401,9 @@ class ResponseCache:
                         if event.content:  # reasoning or tool calls only: in the completion
                             deltas.append(event.content)
                             held += 1
-                            if held == MAX_CACHED_DELTAS:
-                                deltas = _halved(deltas)
-                                held = len(deltas)
+                            if held == fold_at:
+                                _folded_tail(deltas)
+                                held, fold_at = 0, FOLDED_EVERY
                         publish(event)
             if completion is None:  # the pipeline ends every stream with a Completion
                 raise RuntimeError("stream ended without its completion")
@@ -458,7 +459,7 @@ class ResponseCache:
         self, key: str, request: ChatRequest, fetch: FetchStream
     ) -> AsyncGenerator[Delta | Completion, None]:
         deltas: list[str] = []
-        held = 0  # len(deltas), counted: no call per delta
+        held, fold_at = 0, MAX_CACHED_DELTAS  # deltas since the last fold; when to fold
         async with contextlib.aclosing(fetch()) as events:
             async for event in events:
                 if isinstance(event, Completion):
@@ -471,9 +472,9 @@ class ResponseCache:
                 elif event.content:
                     deltas.append(event.content)
                     held += 1
-                    if held == MAX_CACHED_DELTAS:
-                        deltas = _halved(deltas)
-                        held = len(deltas)
+                    if held == fold_at:
+                        _folded_tail(deltas)
+                        held, fold_at = 0, FOLDED_EVERY
                 yield event
 
     async def aclose(self) -> None:
@@ -488,7 +489,7 @@ class ResponseCache:
         await self.aclose()
 
 
-def _halved(deltas: list[str]) -> list[str]:
-    """`deltas` with every two joined: half as many, the same text."""
-    pairs = [first + second for first, second in zip(deltas[::2], deltas[1::2], strict=False)]
-    return pairs + deltas[-1:] if len(deltas) % 2 else pairs
+def _folded_tail(deltas: list[str]) -> None:
+    """The last `FOLDED_EVERY` of `deltas` joined into one, in place: the same text in
+    fewer strings, none of an earlier fold's copied again."""
+    deltas[-FOLDED_EVERY:] = ["".join(deltas[-FOLDED_EVERY:])]

@@ -834,8 +834,8 @@ class UpstreamClient:
                     chunks.append(event)
                     unfolded += 1
                     if unfolded == FOLDED_EVERY:
-                        fold_chunks(chunks)
-                        unfolded = 1
+                        fold_chunks(chunks, FOLDED_EVERY)
+                        unfolded = 0
                     if on_output is not None:
                         on_output(event)
                 else:

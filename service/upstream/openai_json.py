@@ -928,6 +928,7 @@ class _StreamedCall:
     position: int | None = None
     held: list[str] = field(default_factory=list)  # arguments before it began
     held_chars: int = 0
+    unfolded: int = 0  # pieces appended to `held` since it was last folded (`FOLDED_EVERY`)
     half: str = ""  # the high UTF-16 half its arguments' last piece ended with (`_paired_ends`)
 
 
@@ -1095,8 +1096,11 @@ class StreamParser:
         _check_id_and_name(known.id, known.name)  # before it is held, waiting for the other
         if arguments:
             known.held.append(arguments)
-            if len(known.held) == FOLDED_EVERY:  # one-character pieces: held as their text
-                known.held[:] = ["".join(known.held)]
+            known.unfolded += 1
+            if known.unfolded == FOLDED_EVERY:  # one-character pieces: held as their text
+                # Those since the last fold alone: all again would copy all at each fold.
+                known.held[-FOLDED_EVERY:] = ["".join(known.held[-FOLDED_EVERY:])]
+                known.unfolded = 0
             known.held_chars += len(arguments)
             self._held_chars += len(arguments)
             if self._held_chars > _MAX_HELD_CHARS:

@@ -115,12 +115,14 @@ def joined_chunks(chunks: Sequence[TextChunk]) -> TextChunk:
     )
 
 
-def fold_chunks(chunks: list[TextChunk]) -> None:
-    """`chunks`, held whole till a stream ends, made one chunk in place, its tool-call
-    pieces merged: done every `FOLDED_EVERY` chunks, what is held stays about the size of
-    its output however many pieces it came in."""
-    whole = joined_chunks(chunks)
-    chunks[:] = [TextChunk(whole.content, merged_pieces(whole.tool_calls), whole.reasoning)]
+def fold_chunks(chunks: list[TextChunk], count: int) -> None:
+    """The last `count` of `chunks` (held whole till a stream ends: those that came since
+    the last fold) made one chunk in place, its tool-call pieces merged: done every
+    `FOLDED_EVERY` chunks, what is held stays about the size of its output however many
+    pieces it came in. Only those: folding all again each time copied the whole output
+    so far at every fold, a stream's cost growing with its square."""
+    whole = joined_chunks(chunks[-count:])
+    chunks[-count:] = [TextChunk(whole.content, merged_pieces(whole.tool_calls), whole.reasoning)]
 
 
 @dataclass(frozen=True, slots=True)
