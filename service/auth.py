@@ -197,6 +197,9 @@ class StaticKeyStore:
 
 
 _GONE = (-1, -1, -1)  # the signature of a keys file that is not there
+# The shortest pause between the checks `FileKeyStore.watch` makes (`keys_file_check_s`
+# may be 0: a check on every call).
+_WATCH_MIN_S = 0.5
 # The coarsest tick a filesystem keeps modification times to (FAT's; 1 s on HFS+, ext3,
 # some network and container mounts). A file rewritten at the same size within the tick
 # it was read in keeps its signature: it is read again until read after that tick.
@@ -289,6 +292,14 @@ class FileKeyStore:
             return True
         self._unconfirmed = None
         return False
+
+    async def watch(self) -> None:
+        """Check the file every `check_s` between calls too, till cancelled: under
+        `serve --workers N` only worker 0 says the file turned unusable
+        (`service.logs.SaidByWorker0`), and the kernel may give it no call for a long time."""
+        while True:
+            await self._clock.sleep(max(self._check_s, _WATCH_MIN_S))
+            self._refresh()
 
     async def tenant_for(self, digest: str) -> str | None:
         """The tenant of `digest` in the file as it is now."""

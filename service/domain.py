@@ -314,3 +314,37 @@ def assemble_tool_calls(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCall, ...]
         ToolCall(call_id, name, "".join(arguments))
         for _, (call_id, name, arguments) in sorted(calls.items())
     )
+
+
+# Pieces of one stream a holder keeps as they came before joining them (`joined_deltas`,
+# `folded_chunks`): an upstream may stream millions of one-character pieces, each an
+# object of about 100 bytes, where the stream's bound counts characters. Joined every so
+# many, what is held stays about the size of its text; an answer of fewer is untouched.
+FOLDED_EVERY = 256
+
+
+def merged_pieces(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCallDelta, ...]:
+    """`pieces` as one piece per call, in the order the calls began: the first piece's id
+    and name, every piece's arguments appended in order (`assemble_tool_calls` reads the
+    same calls from either)."""
+    calls: dict[int, tuple[str, str, list[str]]] = {}
+    for piece in pieces:
+        call = calls.get(piece.index)
+        if call is None:
+            calls[piece.index] = (piece.id, piece.name, [piece.arguments])
+        else:
+            call[2].append(piece.arguments)
+    return tuple(
+        ToolCallDelta(index, call_id, name, "".join(arguments))
+        for index, (call_id, name, arguments) in calls.items()
+    )
+
+
+def joined_deltas(deltas: Iterable[Delta]) -> Delta:
+    """`deltas` as one: their text and reasoning joined, their tool-call pieces merged."""
+    held = list(deltas)
+    return Delta(
+        "".join(delta.content for delta in held),
+        merged_pieces(piece for delta in held for piece in delta.tool_calls),
+        "".join(delta.reasoning for delta in held),
+    )

@@ -125,6 +125,37 @@ SAID_BY_WORKER_0: Final = frozenset(
 )
 
 
+# ...and, while serving, worker 0 alone these at WARNING (DEBUG in the others): each
+# worker finds the same file as the others, and worker 0 checks it between calls too
+# (`FileKeyStore.watch`), so it finds a problem there whichever worker serves the calls.
+SAID_BY_WORKER_0_WHILE_SERVING: Final = frozenset({"auth.keys_file_unusable"})
+
+
+class SaidByWorker0(logging.Filter):
+    """In every worker of `serve --workers N` but worker 0, for its whole life: the
+    warnings worker 0 says for the gateway (`SAID_BY_WORKER_0_WHILE_SERVING`) as DEBUG.
+    With 4 workers a keys file turned unusable was said 4 times a check, read as 4
+    problems."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Let every record through but those warnings, DEBUG now."""
+        msg = record.msg
+        if not (
+            record.levelno == logging.WARNING
+            and type(msg) is str
+            and msg in SAID_BY_WORKER_0_WHILE_SERVING
+        ):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # Let through only as far as a DEBUG record would have been.
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 class SaidOnceAtStart(logging.Filter):
     """In worker `index` of `serve --workers N`, until it listens (`remove`): drops the
     start-up warnings another process says for the whole gateway (`SAID_BY_THE_SUPERVISOR`,

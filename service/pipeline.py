@@ -30,6 +30,7 @@ from service.context_window import (
     prompt_in_count_with_answer,
 )
 from service.domain import (
+    FOLDED_EVERY,
     CacheMode,
     ChatRequest,
     Completion,
@@ -54,7 +55,7 @@ from service.pool import AttemptLog, UpstreamPool
 from service.pricing import PriceList
 from service.telemetry import active as telemetry
 from service.tokens import estimate_output_tokens
-from service.upstream.types import StreamEnd, StreamEvent, TextChunk, joined_chunks
+from service.upstream.types import StreamEnd, StreamEvent, TextChunk, fold_chunks, joined_chunks
 from service.validation import validate_chat_request
 
 if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes it in
@@ -932,6 +933,7 @@ class Pipeline:
         checked and reserved only here."""
         request = prepared.request
         relayed: list[TextChunk] = []
+        unfolded = 0  # chunks in `relayed` since it was last folded (`FOLDED_EVERY`)
         end: StreamEnd | None = None
         prompt_tokens = self.calibration.billed_tokens(  # `_billed_prompt_tokens`, inline
             request.model, request.tenant, estimated_tokens=prepared.prompt_tokens
@@ -948,6 +950,10 @@ class Pipeline:
                         async for event in upstream:
                             if isinstance(event, TextChunk):
                                 relayed.append(event)
+                                unfolded += 1
+                                if unfolded == FOLDED_EVERY:
+                                    fold_chunks(relayed, FOLDED_EVERY)
+                                    unfolded = 0
                                 yield Delta(event.content, event.tool_calls, event.reasoning)
                             else:
                                 end = event

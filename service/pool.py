@@ -34,7 +34,7 @@ from service.breaker import (
 )
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import ResilienceConfig
-from service.domain import ChatRequest, Role, Usage
+from service.domain import FOLDED_EVERY, ChatRequest, Role, Usage
 from service.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -80,6 +80,7 @@ from service.upstream.types import (
     TextChunk,
     UpstreamCall,
     UpstreamReply,
+    fold_chunks,
 )
 
 log = logging.getLogger("llm_gateway.pool")
@@ -176,6 +177,7 @@ class AttemptLog:
     # What the last attempt generated so far, when a unary call is read as a stream
     # (`stream_unary_calls`): billed with its prompt should the attempt be cut.
     output: list[TextChunk] = field(default_factory=list)
+    unfolded: int = 0  # chunks in `output` since it was last folded (`FOLDED_EVERY`)
     # The usage the last attempt's stream reported, once it ended: a stream cut after its
     # usage event (before `[DONE]`) is billed as reported, not estimated.
     usage: Usage | None = None
@@ -191,6 +193,7 @@ class AttemptLog:
         self.status = None
         self.span = None
         self.output = []
+        self.unfolded = 0
         self.usage = None
 
     def sent_nothing(self) -> bool:
@@ -206,6 +209,10 @@ class AttemptLog:
     def streamed(self, chunk: TextChunk) -> None:
         """The last attempt, a unary call read as a stream, generated `chunk`."""
         self.output.append(chunk)
+        self.unfolded += 1
+        if self.unfolded == FOLDED_EVERY:
+            fold_chunks(self.output, FOLDED_EVERY)
+            self.unfolded = 0
 
     def sent(self) -> None:
         """The last attempt's request reached the upstream whole."""

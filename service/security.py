@@ -8,6 +8,7 @@ limits (in memory, or Redis shared by replicas).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from service.auth import (
     Authenticator,
+    FileKeyStore,
     KeyStore,
     RedisKeyStore,
     local_key_stores,
@@ -185,6 +187,10 @@ async def build_caller_gate(
         requires_client_cert=tls.require_client_cert,
     )
     stores = _local_key_stores(config, serves_anonymous=serves_anonymous)
+    for store in stores:
+        if isinstance(store, FileKeyStore):
+            watching = asyncio.get_running_loop().create_task(store.watch(), name="keys-file")
+            stack.push_async_callback(_cancelled, watching)
     limiter: TenantLimiter = MemoryTenantLimiter()
     if redis is not None:
         stores.append(
@@ -211,3 +217,8 @@ async def build_caller_gate(
     return CallerGate(
         authenticator, limiter, batch_leave_share=config.batch.rate_left_to_other_calls
     )
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -45,7 +45,7 @@ from service.config import ConfigError, GatewayConfig, host_and_port
 from service.cpus import usable_cpus
 from service.hosts import ListenError
 from service.local_model import LocalModelServer, LocalModelState
-from service.logs import SaidOnceAtStart
+from service.logs import SaidByWorker0, SaidOnceAtStart
 from service.machine_turns import TurnsFile
 from service.telemetry.setup import (
     DEFAULT_PROMETHEUS_PORT,
@@ -326,6 +326,8 @@ def _worker_main(
     _stop_with(supervisor, signal.SIGKILL)
     configure_logging(log_level, writer=index)
     said_once = SaidOnceAtStart(index)
+    if index:
+        SaidByWorker0()
     states = None if local_model is None else _local_model_states(*local_model)
     try:
         run(

@@ -103,6 +103,7 @@ class Reply:
     cached_tokens: int = 0
     include_usage: bool = True
     model: str | None = None
+    completion_id: str | None = None  # the answer's `id`, else a fresh one
     headers: Mapping[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     chunks: int = 3
@@ -469,7 +470,7 @@ class FakeUpstream:
     def _completion(self, reply: Reply, model: str) -> dict[str, Any]:
         """Build a non-streaming `chat.completion` object."""
         out: dict[str, Any] = {
-            "id": self._new_id(),
+            "id": self._new_id() if reply.completion_id is None else reply.completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
@@ -549,7 +550,7 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         """Stream a Reply as SSE chunks ending in [DONE]."""
         resp = await self._open_sse(request, reply.headers)
-        cid = self._new_id()
+        cid = self._new_id() if reply.completion_id is None else reply.completion_id
         chunk = functools.partial(self._chunk, cid, model, index=reply.choice_index)
         events = [chunk({"role": "assistant"})]
         if reply.raw_deltas:

@@ -45,7 +45,7 @@ from service.cache.stats import CacheStats
 from service.cache.store import CacheStore
 from service.clock import SYSTEM_CLOCK, Clock, Deadline
 from service.config import CacheConfig
-from service.domain import CacheMode, ChatRequest, Completion, Delta
+from service.domain import FOLDED_EVERY, CacheMode, ChatRequest, Completion, Delta
 from service.errors import DeadlineExceeded, StreamInterrupted, UpstreamError
 from service.memo import BoundedMemo
 
@@ -54,6 +54,11 @@ __all__ = ["ResponseCache", "is_deterministic"]
 log = logging.getLogger("llm_gateway.cache")
 
 _MS = 1000.0
+# The most deltas a stream's cached copy keeps as they came: past it, those that came
+# since are joined every `FOLDED_EVERY` (`_folded_tail`), so that millions of
+# one-character pieces are not held as as many strings. A hit replays an answer streamed
+# in fewer as it came.
+MAX_CACHED_DELTAS = 4096
 # How long, and for how many keys, `recall` reuses an answer a store read returned.
 RECENT_READ_S = 1.0
 _RECENT_READS = 256
@@ -403,6 +408,7 @@ class ResponseCache:
 
         async def call(publish: Callable[[Delta], None]) -> CachedAnswer:
             deltas: list[str] = []
+            held, fold_at = 0, MAX_CACHED_DELTAS  # deltas since the last fold; when to fold
             completion: Completion | None = None
             async with contextlib.aclosing(fetch()) as events:
                 async for event in events:
@@ -411,6 +417,10 @@ class ResponseCache:
                     else:
                         if event.content:  # reasoning or tool calls only: in the completion
                             deltas.append(event.content)
+                            held += 1
+                            if held == fold_at:
+                                _folded_tail(deltas)
+                                held, fold_at = 0, FOLDED_EVERY
                         publish(event)
             if completion is None:  # the pipeline ends every stream with a Completion
                 raise RuntimeError("stream ended without its completion")
@@ -466,6 +476,7 @@ class ResponseCache:
         self, key: str, request: ChatRequest, fetch: FetchStream
     ) -> AsyncGenerator[Delta | Completion, None]:
         deltas: list[str] = []
+        held, fold_at = 0, MAX_CACHED_DELTAS  # deltas since the last fold; when to fold
         async with contextlib.aclosing(fetch()) as events:
             async for event in events:
                 if isinstance(event, Completion):
@@ -477,6 +488,10 @@ class ResponseCache:
                     )
                 elif event.content:
                     deltas.append(event.content)
+                    held += 1
+                    if held == fold_at:
+                        _folded_tail(deltas)
+                        held, fold_at = 0, FOLDED_EVERY
                 yield event
 
     async def aclose(self) -> None:
@@ -489,3 +504,9 @@ class ResponseCache:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _folded_tail(deltas: list[str]) -> None:
+    """The last `FOLDED_EVERY` of `deltas` joined into one, in place: the same text in
+    fewer strings, none of an earlier fold's copied again."""
+    deltas[-FOLDED_EVERY:] = ["".join(deltas[-FOLDED_EVERY:])]

@@ -25,7 +25,7 @@ import copy
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
-from service.domain import Delta
+from service.domain import FOLDED_EVERY, Delta, joined_deltas
 from service.errors import GatewayError, mark_unsent
 
 __all__ = ["Flight", "SingleFlight"]
@@ -44,6 +44,10 @@ class Flight(Generic[T]):
         # Whether nothing of the call was sent yet (None: not known, taken as sent).
         self.sent_nothing = sent_nothing
         self.deltas: list[Delta] = []
+        # Each follower's next index in `deltas`, which `_fold` moves.
+        self.positions: list[list[int]] = []
+        self._folded = 0  # `deltas` from this index on are as published
+        self._unfolded = 0  # published since the last fold
         self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Mark a failure as retrieved even when every follower has left: no
         # "exception was never retrieved" noise for a call nobody waits on.
@@ -55,7 +59,32 @@ class Flight(Generic[T]):
     def publish(self, delta: Delta) -> None:
         """Hand the next delta to every follower."""
         self.deltas.append(delta)
+        self._unfolded += 1
+        if self._unfolded == FOLDED_EVERY:
+            self._fold()
         self._wake()
+
+    def _fold(self) -> None:
+        """Join the deltas published since the last fold, in runs between the positions
+        of the followers reading them, so that what the flight holds stays about the size
+        of its text (`FOLDED_EVERY`): a follower behind reads the rest in fewer, longer
+        deltas, as a stream read after a pause does; one that joins later reads them so."""
+        self._unfolded = 0
+        start, end = self._folded, len(self.deltas)
+        cuts = sorted({cell[0] for cell in self.positions if start < cell[0] < end})
+        runs: list[Delta] = []
+        moved: dict[int, int] = {}
+        at = start
+        for cut in (*cuts, end):
+            moved[at] = start + len(runs)
+            runs.append(joined_deltas(self.deltas[at:cut]))
+            at = cut
+        moved[end] = start + len(runs)
+        self.deltas[start:] = runs
+        for cell in self.positions:
+            if cell[0] > start:
+                cell[0] = moved[cell[0]]
+        self._folded = len(self.deltas)
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -195,18 +224,23 @@ class SingleFlight(Generic[T]):
     async def follow(self, flight: Flight[T]) -> AsyncGenerator[Delta | T, None]:
         """Every delta the flight publishes (from the first), then its result."""
         async with self._following(flight):
-            sent = 0
-            while True:
-                while sent < len(flight.deltas):
-                    yield flight.deltas[sent]
-                    sent += 1
-                if flight.result.done():
-                    break
-                try:
-                    await flight._until_changed()
-                except asyncio.CancelledError as cancel:
-                    flight.left(cancel)
-                    raise
+            position = [0]  # the next delta's index, moved when the flight folds them
+            flight.positions.append(position)
+            try:
+                while True:
+                    while position[0] < len(flight.deltas):
+                        delta = flight.deltas[position[0]]
+                        position[0] += 1
+                        yield delta
+                    if flight.result.done():
+                        break
+                    try:
+                        await flight._until_changed()
+                    except asyncio.CancelledError as cancel:
+                        flight.left(cancel)
+                        raise
+            finally:
+                flight.positions.remove(position)
             try:
                 result = flight.result.result()
             except GatewayError as shared:

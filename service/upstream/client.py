@@ -18,7 +18,7 @@ import orjson
 
 from service.config import UpstreamConfig
 from service.context_window import holds_prompt_and_answer, max_tokens_refused_advice
-from service.domain import Usage, assemble_tool_calls, whole_tool_calls
+from service.domain import FOLDED_EVERY, Usage, assemble_tool_calls, whole_tool_calls
 from service.errors import (
     UpstreamAuthRejected,
     UpstreamContextExceeded,
@@ -75,6 +75,7 @@ from service.upstream.types import (
     TextChunk,
     UpstreamCall,
     UpstreamReply,
+    fold_chunks,
     joined_chunks,
     output_chars,
 )
@@ -812,6 +813,7 @@ class UpstreamClient:
         says why (a prompt over its context window: `UpstreamContextExceeded`, as before).
         """
         chunks: list[TextChunk] = []
+        unfolded = 0  # chunks since `chunks` was last folded (`FOLDED_EVERY`)
         end: StreamEnd | None = None
         # The stream's own waits end by `timeout_s`, after its first output too
         # (`whole_timeout_s`), not an outer timer's: one fired a moment before the stream's
@@ -830,6 +832,10 @@ class UpstreamClient:
             async for event in events:
                 if isinstance(event, TextChunk):
                     chunks.append(event)
+                    unfolded += 1
+                    if unfolded == FOLDED_EVERY:
+                        fold_chunks(chunks, FOLDED_EVERY)
+                        unfolded = 0
                     if on_output is not None:
                         on_output(event)
                 else:

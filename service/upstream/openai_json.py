@@ -17,6 +17,7 @@ import orjson
 
 from service.domain import (
     DEFAULT_SCHEMA_NAME,
+    FOLDED_EVERY,
     MAX_TOKEN_COUNT,
     MAX_TOOL_CALL_FIELD,
     MAX_TOOL_CALLS_PER_MESSAGE,
@@ -827,6 +828,16 @@ def _listed(indexes: Collection[int]) -> str:
     return ", ".join(str(index) for index in sorted(indexes))
 
 
+def _informational(value: object) -> str:
+    """An answer's `id` or `model` as the gateway passes it on: "" (not given: the caller
+    gets the gateway's own id, and the model asked of the upstream) for one that is not
+    printable text. They only inform, unlike a tool call's id the caller sends back (a
+    control character there makes the answer malformed), and reach the caller, the cache,
+    logs, spans and terminals, where an escape sequence would be written as it came."""
+    text = str(value or "")
+    return text if text.isprintable() else ""
+
+
 def parse_completion(
     raw: bytes, *, model: str = "", rate_limits: RateLimitHints = _NO_HINTS, waited_s: float = 0.0
 ) -> UpstreamReply:
@@ -875,9 +886,16 @@ def parse_completion(
         raise _unreadable(parts.skipped)
     if refusal:  # never an empty "stop" answer, cached and served as if answered
         content, reason = (content or "") + refusal, FinishReason.CONTENT_FILTER
+    # `_informational`, inline for a text id and the model asked for: no call more than `str`.
+    answer_id = data.get("id")
+    if answer_id.__class__ is not str or not answer_id.isprintable():
+        answer_id = _informational(answer_id)
+    answered = data.get("model")
+    if answered.__class__ is not str or (answered != model and not answered.isprintable()):
+        answered = _informational(answered)
     return UpstreamReply(
-        id=str(data.get("id") or ""),
-        model=str(data.get("model") or model),
+        id=answer_id,
+        model=answered or model,
         content=content or "",
         finish_reason=reason,
         usage=usage(data.get("usage")),
@@ -910,6 +928,7 @@ class _StreamedCall:
     position: int | None = None
     held: list[str] = field(default_factory=list)  # arguments before it began
     held_chars: int = 0
+    unfolded: int = 0  # pieces appended to `held` since it was last folded (`FOLDED_EVERY`)
     half: str = ""  # the high UTF-16 half its arguments' last piece ended with (`_paired_ends`)
 
 
@@ -1077,6 +1096,11 @@ class StreamParser:
         _check_id_and_name(known.id, known.name)  # before it is held, waiting for the other
         if arguments:
             known.held.append(arguments)
+            known.unfolded += 1
+            if known.unfolded == FOLDED_EVERY:  # one-character pieces: held as their text
+                # Those since the last fold alone: all again would copy all at each fold.
+                known.held[-FOLDED_EVERY:] = ["".join(known.held[-FOLDED_EVERY:])]
+                known.unfolded = 0
             known.held_chars += len(arguments)
             self._held_chars += len(arguments)
             if self._held_chars > _MAX_HELD_CHARS:
@@ -1121,8 +1145,8 @@ class StreamParser:
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none
             raise ReportedError(data)
         if not self.id:
-            self.id = str(event.get("id") or "")
-            self.model = str(event.get("model") or "")
+            self.id = _informational(event.get("id"))
+            self.model = _informational(event.get("model"))
         if event.get("usage"):
             self._take_usage(usage(event["usage"]))
         choices = event.get("choices")

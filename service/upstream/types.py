@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from service.domain import FinishReason, ToolCall, ToolCallDelta, Usage
+from service.domain import FinishReason, ToolCall, ToolCallDelta, Usage, merged_pieces
 
 _EPOCH_THRESHOLD_S = 1e9  # reset values below this are seconds-from-now, not epoch
 # Above this a reset is epoch milliseconds (OpenRouter's): in seconds it is the year 33658.
@@ -113,6 +113,16 @@ def joined_chunks(chunks: Sequence[TextChunk]) -> TextChunk:
         tuple(piece for chunk in chunks for piece in chunk.tool_calls),
         "".join(chunk.reasoning for chunk in chunks),
     )
+
+
+def fold_chunks(chunks: list[TextChunk], count: int) -> None:
+    """The last `count` of `chunks` (held whole till a stream ends: those that came since
+    the last fold) made one chunk in place, its tool-call pieces merged: done every
+    `FOLDED_EVERY` chunks, what is held stays about the size of its output however many
+    pieces it came in. Only those: folding all again each time copied the whole output
+    so far at every fold, a stream's cost growing with its square."""
+    whole = joined_chunks(chunks[-count:])
+    chunks[-count:] = [TextChunk(whole.content, merged_pieces(whole.tool_calls), whole.reasoning)]
 
 
 @dataclass(frozen=True, slots=True)

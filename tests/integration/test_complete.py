@@ -553,3 +553,34 @@ async def test_an_upstream_set_to_merge_system_messages_gets_them_as_one_first(
             {"role": "user", "content": "how are you?"},
         ]
     ]
+
+
+@pytest.mark.parametrize("is_streamed", [False, True], ids=["unary", "stream"])
+async def test_an_answers_id_or_model_that_is_not_printable_is_the_gateways_own(
+    upstream: FakeUpstream, stub: Any, is_streamed: bool
+) -> None:
+    """An upstream's completion id or model with a control character (a terminal's escape
+    sequence, a NUL) is read as not given: the caller gets the gateway's own id and the
+    model it asked the upstream for, never the raw characters; the answer is kept."""
+    upstream.default = Reply(
+        content="kept", completion_id="chatcmpl-\x1b[2J\x00", model="fake\x1b]0;title\x07"
+    )
+    if is_streamed:
+        events = [event async for event in stub.CompleteStream(chat_stream())]
+        text = "".join(event.delta.content for event in events[:-1])
+        metadata = events[-1].final
+    else:
+        response = await stub.Complete(chat())
+        text, metadata = response.content, response.metadata
+    assert text == "kept"
+    assert metadata.id.startswith("gw-")
+    assert metadata.model == FAKE_MODEL
+
+
+async def test_an_answers_printable_id_and_model_are_relayed_as_they_are(
+    upstream: FakeUpstream, stub: Any
+) -> None:
+    """An id and a model of any script, spaces included, are the upstream's own."""
+    upstream.default = Reply(completion_id="chatcmpl-é 1", model="модель v2")
+    response = await stub.Complete(chat())
+    assert (response.metadata.id, response.metadata.model) == ("chatcmpl-é 1", "модель v2")

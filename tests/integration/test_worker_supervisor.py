@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import signal
@@ -393,6 +394,37 @@ async def test_each_start_warning_is_said_once_by_the_gateway(
     assert {w: len(lines) for w, lines in said.items()} == dict.fromkeys(warnings, 1), said
     writers = [lines[0].rstrip().rpartition(" ")[2] for lines in said.values()]
     assert writers == ["worker=supervisor"] + ["worker=0"] * (len(warnings) - 1)
+
+
+async def test_a_keys_file_turned_unusable_is_said_by_worker_0_alone(tmp_path: Path) -> None:
+    """With `--workers 2`, a keys file made malformed while serving is said by worker 0,
+    every check, whichever worker the calls reach (worker 1 says it at DEBUG).
+
+    Before, each worker that a call reached said it at every check, and none said it
+    while no call came."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{hashlib.sha256(b'sk-worker-test').hexdigest()} t1\n")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0.1}
+    key = [("authorization", "Bearer sk-worker-test")]
+    path = _write_config(tmp_path, auth=auth)
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        address = await _listening(process)
+        keys.write_text("not a key line\n")
+        # Calls till the third line, each on a connection of its own (the kernel picks a
+        # worker for each): by worker 0's third check, worker 1 has checked the file too.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with asyncio.timeout(_HANG_GUARD_S):
+            while len(log.events("auth.keys_file_unusable")) < 3:
+                async with grpc.aio.insecure_channel(address, options=options) as channel:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        stub = pb_grpc.CompletionServiceStub(channel)
+                        await stub.Complete(chat(), metadata=key, timeout=10)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            assert await process.wait() == 0
+    said = log.events("auth.keys_file_unusable")
+    assert {line.split()[2] for line in said} == {"WARNING"}, said
+    assert {line.rstrip().rpartition(" ")[2] for line in said} == {"worker=0"}, said
 
 
 def _signalled_at_start(sig: signal.Signals) -> str:

@@ -294,3 +294,12 @@ def test_input_names_each_misspelt_looking_field_once_and_still_uses_the_line(tm
     assert batch_input.unknown_fields == [
         UnknownField(2, "max_token", "max_tokens"),
     ]
+
+
+def test_the_usage_line_writes_a_control_character_of_the_model_as_an_escape():
+    """A model name with a terminal escape sequence (from an upstream, relayed by another
+    gateway) is printed escaped: the terminal never receives the raw ESC."""
+    meta = pb.CompletionMetadata(model="fake\x1b]0;title\x07", upstream="up0")
+    line = usage_line(meta, elapsed_s=0.1)
+    assert line.startswith("[fake\\x1b]0;title\\x07 via up0]")
+    assert line.isprintable()

@@ -188,6 +188,14 @@ class ReasoningOnStderr:
             self.is_open = False
 
 
+def printable(text: str) -> str:
+    """`text` with each character that is not printable (a control character: a terminal
+    escape sequence's ESC, a NUL) written as its backslash escape, as `repr` writes it."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def usage_line(
     meta: pb.CompletionMetadata, elapsed_s: float, *, shows_reasoning: bool = False
 ) -> str:
@@ -198,7 +206,8 @@ def usage_line(
     estimated = " (estimated)" if usage.estimated else ""
     cached = " cache hit" if meta.cache_hit else ""
     return (
-        f"[{meta.model or '?'} via {meta.upstream or '?'}{cached}] "
+        # The model is the upstream's word, which an older gateway relayed as it came.
+        f"[{printable(meta.model) or '?'} via {printable(meta.upstream) or '?'}{cached}] "
         f"tokens in={usage.input_tokens} out={usage.output_tokens}{reasoning}{estimated} "
         f"cost=${meta.cost_usd:.6f} attempts={meta.attempts} "
         f"ttft={meta.timings.time_to_first_token_ms:.0f}ms "
