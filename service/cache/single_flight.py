@@ -44,8 +44,10 @@ class Flight(Generic[T]):
         # Whether nothing of the call was sent yet (None: not known, taken as sent).
         self.sent_nothing = sent_nothing
         self.deltas: list[Delta] = []
-        # Each follower's next index in `deltas`, which `_fold` moves.
-        self.positions: list[list[int]] = []
+        # Each follower's next index in `deltas` (a one-item list), which `_fold` moves;
+        # keyed by the list's identity: two followers at one index are equal lists, and
+        # removing by equality took the other's, which then no fold moved.
+        self.positions: dict[int, list[int]] = {}
         self._folded = 0  # `deltas` from this index on are as published
         self._unfolded = 0  # published since the last fold
         self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -71,7 +73,7 @@ class Flight(Generic[T]):
         deltas, as a stream read after a pause does; one that joins later reads them so."""
         self._unfolded = 0
         start, end = self._folded, len(self.deltas)
-        cuts = sorted({cell[0] for cell in self.positions if start < cell[0] < end})
+        cuts = sorted({cell[0] for cell in self.positions.values() if start < cell[0] < end})
         runs: list[Delta] = []
         moved: dict[int, int] = {}
         at = start
@@ -81,7 +83,7 @@ class Flight(Generic[T]):
             at = cut
         moved[end] = start + len(runs)
         self.deltas[start:] = runs
-        for cell in self.positions:
+        for cell in self.positions.values():
             if cell[0] > start:
                 cell[0] = moved[cell[0]]
         self._folded = len(self.deltas)
@@ -225,7 +227,7 @@ class SingleFlight(Generic[T]):
         """Every delta the flight publishes (from the first), then its result."""
         async with self._following(flight):
             position = [0]  # the next delta's index, moved when the flight folds them
-            flight.positions.append(position)
+            flight.positions[id(position)] = position
             try:
                 while True:
                     while position[0] < len(flight.deltas):
@@ -240,7 +242,7 @@ class SingleFlight(Generic[T]):
                         flight.left(cancel)
                         raise
             finally:
-                flight.positions.remove(position)
+                del flight.positions[id(position)]
             try:
                 result = flight.result.result()
             except GatewayError as shared:

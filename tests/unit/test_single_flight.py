@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from service.cache import SingleFlight
+from service.domain import FOLDED_EVERY, Delta
 from service.errors import ShuttingDown
 
 
@@ -243,4 +244,39 @@ async def test_on_end_runs_once_however_the_flight_ends(outcome: str) -> None:
     await asyncio.gather(flight.task, return_exceptions=True)
     assert ended == ["k"]
     assert upstream.calls == (0 if outcome == "cancelled-before-running" else 1)
+    await flights.aclose()
+
+
+async def test_a_follower_leaving_beside_another_at_its_place_keeps_the_others_place() -> None:
+    """Two followers at one delta, one leaves: the other still reads every delta once,
+    in order, after the flight folds what it holds (`FOLDED_EVERY`). Removed by equality,
+    the leaver took the other's place marker, which the fold then left behind: the other
+    lost every delta after it and ended with a ValueError."""
+    flights: SingleFlight[str] = SingleFlight()
+    published = asyncio.Event()
+    release = asyncio.Event()
+    texts = [str(at % 10) for at in range(FOLDED_EVERY + 10)]
+
+    async def call(publish: Callable[[Delta], None]) -> str:
+        for text in texts[:10]:
+            publish(Delta(text))
+        published.set()
+        await release.wait()
+        for text in texts[10:]:
+            publish(Delta(text))
+        return "answer"
+
+    flight, _ = flights.join("k", call)  # type: ignore[arg-type]
+    stays = flights.follow(flight)  # following first: the first of the equal places
+    leaves = flights.follow(flight)
+    await published.wait()
+    read = [(await anext(stays)) for _ in range(10)]
+    for _ in range(10):
+        await anext(leaves)
+    await leaves.aclose()
+    release.set()
+    read += [item async for item in stays]
+
+    assert read[-1] == "answer"
+    assert "".join(delta.content for delta in read[:-1]) == "".join(texts)
     await flights.aclose()
