@@ -561,7 +561,7 @@ def dashboard_metric_names() -> set[str]:
 async def start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry):
     """A gateway with the cache, retries and the usage ledger in Redis (whose late writes
     the dashboard also plots), after the calls that make every series it plots: a
-    retried 503, a cache miss then a hit, a stream. Its model is sent upstream under
+    retried 503, a cache miss then a hit, a stream, a batch. Its model is sent upstream under
     another name, `UPSTREAM_MODEL`, as a provider's own name for it would be."""
     config = gateway_config(
         upstream.base_url,
@@ -581,6 +581,8 @@ async def start_dashboard_gateway(start_gateway, upstream, redis_server, telemet
             await asyncio.sleep(0.005)
     assert (await gw.stub.Complete(deterministic)).metadata.cache_hit
     _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
+    items = [pb.BatchItem(id=str(i), request=chat(f"item {i}")) for i in range(2)]
+    _ = [e async for e in gw.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
     return gw
 
 
