@@ -646,6 +646,40 @@ async def test_the_dashboards_panels_by_model_name_one_call_alike(
         assert models == {FAKE_MODEL}, name
 
 
+QUANTILE = re.compile(r"histogram_quantile\([\d.]+, sum by \(([^)]*)\) \(rate\((\w+)")
+
+
+@pytest.mark.redis
+async def test_the_dashboards_quantiles_of_rpc_histograms_keep_each_method_apart(
+    upstream, start_gateway, redis_server
+):
+    """Every quantile the dashboard plots of a histogram whose series name the RPC method
+    (latency, overhead) groups by `rpc_method`, so one method's series never set
+    another's quantile.
+
+    Before, the overhead panel summed every method's buckets: a batch's or a summary's
+    wait for its tenant's turns (the gateway's own time) pushed the p99 of every call to
+    the top bucket."""
+    text = await dashboard_gateway_metrics(start_gateway, upstream, redis_server)
+    dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
+    quantiles = [
+        QUANTILE.match(target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if target["expr"].startswith("histogram_quantile(")
+    ]
+    by_method = {
+        line.split("{")[0] for line in text.splitlines() if 'rpc_method="CompleteBatch"' in line
+    }
+    grouped = 0
+    for quantile in quantiles:
+        assert quantile is not None
+        if quantile[2] in by_method:
+            grouped += 1
+            assert "rpc_method" in [label.strip() for label in quantile[1].split(",")], quantile[0]
+    assert grouped >= 4  # p50 and p99 of the latency and of the overhead
+
+
 BREAKER_GAUGE = "llm_gateway_upstream_breaker_state"
 MAX_BY = re.compile(r"max by \(([^)]*)\) \((\w+)(?:\{([^}]*)\})?\)")
 MATCHER = re.compile(r'(\w+)(!?=)"([^"]*)"')
