@@ -291,8 +291,10 @@ class Telemetry:
         environ: Mapping[str, str] | None = None,
         span_processors: Sequence[SpanProcessor] = (),
         metric_readers: Sequence[MetricReader] = (),
+        worker: int | None = None,
     ) -> Telemetry:
-        """Telemetry as configured; tests inject in-memory span processors and readers."""
+        """Telemetry as configured (of `worker`, its index among `--workers N`, when one);
+        tests inject in-memory span processors and readers."""
         env = os.environ if environ is None else environ
         propagator = trace_propagator(config, env)
         providers = build_providers(
@@ -300,6 +302,7 @@ class Telemetry:
             environ=env,
             span_processors=span_processors,
             extra_metric_readers=metric_readers,
+            worker=worker,
         )
         return cls(
             providers,

@@ -807,6 +807,63 @@ def test_collector_config_receives_otlp_and_serves_prometheus():
         assert set(pipeline["processors"]) <= set(config["processors"])
 
 
+def exported_resources(requests) -> set[tuple[str, int]]:
+    """The (`service.instance.id`, `llm_gateway.worker`) of every resource metrics came
+    under (-1: no worker named)."""
+    found = set()
+    for request in requests:
+        for resource_metrics in request.resource_metrics:
+            attributes = {a.key: a.value for a in resource_metrics.resource.attributes}
+            worker = (
+                attributes["llm_gateway.worker"].int_value
+                if "llm_gateway.worker" in attributes
+                else -1
+            )
+            found.add((attributes["service.instance.id"].string_value, worker))
+    return found
+
+
+async def test_each_worker_exports_under_an_instance_id_of_its_own(upstream, tmp_path):
+    """`serve --workers 2` with `service.instance.id` set in OTEL_RESOURCE_ATTRIBUTES (a
+    pod's name): each worker's metrics reach the collector under that id with its index
+    (`-worker-0`, `-worker-1`), and with `llm_gateway.worker`.
+
+    Before, both exported under the operator's id alone: the collector took their
+    cumulative series for one, each worker's counts resetting the other's."""
+    path = tmp_path / "gateway.yaml"
+    config = gateway_config_data(upstream.base_url, server={"grace_period_s": 0.5})
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    metrics_collector = MetricsCollector()
+    async with otlp_grpc_receiver(metrics_collector) as endpoint:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("LLM_GATEWAY", "OTEL_"))},
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=pod-a,deployment.environment=test",
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            async with asyncio.timeout(30):
+                line = (await process.stdout.readline()).decode()
+            assert line.startswith("llm-gateway listening on "), line
+            process.send_signal(signal.SIGTERM)  # each worker flushes its metrics as it stops
+            async with asyncio.timeout(30):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert exported_resources(metrics_collector.requests) == {
+        ("pod-a-worker-0", 0),
+        ("pod-a-worker-1", 1),
+    }
+
+
 async def test_sigterm_exits_within_the_flush_bound_when_the_collector_is_down(
     upstream, tmp_path, otel_environ, refused_port
 ):
