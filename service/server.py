@@ -129,13 +129,16 @@ class GatewayServer:
         telemetry: Telemetry | None = None,
         wall_clock: WallClock = time.time,
         local_model_states: AsyncIterator[LocalModelState] | None = None,
+        worker: int | None = None,
     ) -> None:
         """`wall_clock`: epoch time for the ledger and budgets (a test's, to cross a
         period's end). `local_model_states`: the local model another process runs (a
         `--workers` worker's supervisor), its state now and then each change; this server
-        then runs none of its own."""
+        then runs none of its own. `worker`: its index among `--workers N`, which its
+        telemetry's resource names."""
         self.config = config
         self.telemetry = telemetry
+        self._worker = worker
         self._wall_clock = wall_clock
         self.port = 0
         self.health = EndableHealth()
@@ -441,7 +444,9 @@ class GatewayServer:
         if self.telemetry is None:
             self._check_prometheus_port()
             try:
-                self.telemetry = Telemetry.from_config(self.config.telemetry, prices=prices)
+                self.telemetry = Telemetry.from_config(
+                    self.config.telemetry, prices=prices, worker=self._worker
+                )
             except TelemetrySetupError as exc:
                 raise ConfigError("environment", exc.variable, exc.problem) from None
             except MetricsHostError as exc:
@@ -782,12 +787,13 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     on_stopping: Callable[[], None] | None = None,
     local_model_states: AsyncIterator[LocalModelState] | None = None,
+    worker: int | None = None,
 ) -> None:
     """Run the gateway until SIGTERM, SIGINT or SIGHUP, then shut down gracefully.
 
     `on_ready` gets the bound address once the server listens (default: print it);
     `on_stopping` is called once a stop reaches the listening server, before its drain;
-    `local_model_states`: as `GatewayServer` takes them.
+    `local_model_states` and `worker`: as `GatewayServer` takes them.
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -810,7 +816,9 @@ async def serve(
     # meanwhile comes now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, early_signals.GROUP_SIGNALS)
     try:
-        async with GatewayServer(config, local_model_states=local_model_states) as server:
+        async with GatewayServer(
+            config, local_model_states=local_model_states, worker=worker
+        ) as server:
             started = True
             if on_ready is None:
                 health = (
@@ -836,8 +844,9 @@ def run(
     on_ready: Callable[[str], None] | None = None,
     on_stopping: Callable[[], None] | None = None,
     local_model_states: AsyncIterator[LocalModelState] | None = None,
+    worker: int | None = None,
 ) -> None:
-    """Blocking entry point for one process."""
+    """Blocking entry point for one process (`worker`: its index among `--workers N`)."""
     _install_uvloop()
     try:
         asyncio.run(
@@ -846,6 +855,7 @@ def run(
                 on_ready=on_ready,
                 on_stopping=on_stopping,
                 local_model_states=local_model_states,
+                worker=worker,
             )
         )
     finally:

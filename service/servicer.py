@@ -21,7 +21,7 @@ import grpc
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.auth import check_model_allowed
-from service.batch import BatchItem, BatchTotals, check_batch, run_batch
+from service.batch import BatchItem, BatchTotals, ItemOutcome, check_batch, run_batch
 from service.breaker import BreakerState
 from service.caller_gate import (
     caller_may_read_all_usage,
@@ -31,7 +31,7 @@ from service.caller_gate import (
     current_tenant,
 )
 from service.clock import Deadline
-from service.config import RequestDefaults, is_tenant_name
+from service.config import RequestDefaults, is_model_name, is_tenant_name
 from service.domain import (
     MAX_TOOL_CALLS_PER_MESSAGE,
     CacheMode,
@@ -55,6 +55,7 @@ from service.domain import (
     Usage,
 )
 from service.errors import (
+    INTERNAL_ERROR_REASON,
     FieldViolation,
     InvalidRequest,
     PermissionDenied,
@@ -64,6 +65,7 @@ from service.ledger import UsageFilter, UsageRow, total_of
 from service.pipeline import REPEATABLE_MAX_BYTES, Pipeline, PreparedRequest, RepeatKey
 from service.summarize import Summarizer, SummaryRequest
 from service.telemetry import (
+    active,
     add_rpc_queued_ms,
     mark_multi_call_rpc,
     ms_since_rpc_start,
@@ -510,6 +512,27 @@ def tenant_of(context: grpc.aio.ServicerContext[object, object]) -> str:
     return current_tenant()
 
 
+def _record_item(
+    outcome: ItemOutcome, request: ChatRequest, status_code: int, served: Mapping[str, object]
+) -> None:
+    """Count a batch's item that ended with `status_code` (0: answered), and mark one that
+    failed on the batch's span: the RPC itself ends OK. The metric names only a model
+    the gateway serves; the span's event names the caller's, as its result does."""
+    model = request.model
+    telemetry = active()
+    telemetry.record_batch_item(
+        status_code=status_code, model=model if model in served else "", tenant=request.tenant
+    )
+    if status_code:
+        telemetry.mark_failed_batch_item(
+            index=outcome.index,
+            item_id=outcome.id,
+            status_code=status_code,
+            error_type=getattr(outcome.error, "reason", INTERNAL_ERROR_REASON),
+            model=model if is_model_name(model) else None,
+        )
+
+
 def caller_is_admin(context: grpc.aio.ServicerContext[object, object]) -> bool:
     """Whether the caller may read other tenants' usage: an admin tenant, or auth off."""
     return caller_may_read_all_usage()
@@ -863,6 +886,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             deadline=deadline_of(context),
             pace=None if pacer is None else pacer.turn,
         )
+        served = self._pipeline.pool.models
         async with contextlib.aclosing(results):
             async for event in results:
                 if isinstance(event, BatchTotals):
@@ -876,6 +900,7 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                         )
                     )
                 elif event.completion is not None:
+                    _record_item(event, items[event.index].request, 0, served)
                     response = response_to_proto(event.completion)
                     item_timed_from_arrival(response.metadata.timings)
                     add_rpc_queued_ms(response.metadata.timings.queued_ms)
@@ -883,12 +908,11 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
                         result=pb.BatchItemResult(id=event.id, index=event.index, response=response)
                     )
                 else:
+                    error = event.error or RuntimeError()
+                    status = to_rpc_status(error)
+                    _record_item(event, items[event.index].request, status.code, served)
                     yield pb.CompleteBatchResponse(
-                        result=pb.BatchItemResult(
-                            id=event.id,
-                            index=event.index,
-                            error=to_rpc_status(event.error or RuntimeError()),
-                        )
+                        result=pb.BatchItemResult(id=event.id, index=event.index, error=status)
                     )
 
     async def Summarize(

@@ -335,6 +335,7 @@ def _worker_main(
             on_ready=lambda _address: _listening(supervisor, ready, beats, said_once),
             on_stopping=lambda: _draining(ready),
             local_model_states=states,
+            worker=index,
         )
     except (ConfigError, ListenError) as exc:  # e.g. the keys file, its Prometheus port
         sys.exit(_report_start_failure(exc, ready))

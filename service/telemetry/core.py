@@ -291,8 +291,10 @@ class Telemetry:
         environ: Mapping[str, str] | None = None,
         span_processors: Sequence[SpanProcessor] = (),
         metric_readers: Sequence[MetricReader] = (),
+        worker: int | None = None,
     ) -> Telemetry:
-        """Telemetry as configured; tests inject in-memory span processors and readers."""
+        """Telemetry as configured (of `worker`, its index among `--workers N`, when one);
+        tests inject in-memory span processors and readers."""
         env = os.environ if environ is None else environ
         propagator = trace_propagator(config, env)
         providers = build_providers(
@@ -300,6 +302,7 @@ class Telemetry:
             environ=env,
             span_processors=span_processors,
             extra_metric_readers=metric_readers,
+            worker=worker,
         )
         return cls(
             providers,
@@ -630,6 +633,35 @@ class Telemetry:
         """The cost of an upstream attempt whose answer was lost (`AttemptLog.lose`): on
         the cost metric with the calls', not on the call's span nor as a request."""
         self.instruments.cost.add(cost_usd, request.tenant, request.model)
+
+    # --- a batch's items ----------------------------------------------------------------
+
+    def record_batch_item(self, *, status_code: int, model: str, tenant: str) -> None:
+        """One item of a batch ended with `status_code` (0: answered). `model` must be
+        one the gateway serves, or "" (a caller's unknown names are unbounded)."""
+        self.instruments.batch_items.add(1, status_code, model, tenant)
+
+    def mark_failed_batch_item(
+        self, *, index: int, item_id: str, status_code: int, error_type: str, model: str | None
+    ) -> None:
+        """An event on the batch's span for its item `index` that failed, and one more in
+        the span's count of them: the span's own status is its RPC's, OK."""
+        span = current_span() if self.records_spans else trace.INVALID_SPAN
+        if not span.is_recording():
+            return
+        attributes: dict[str, AttributeValue] = {
+            attr.BATCH_ITEM_INDEX: index,
+            attr.BATCH_ITEM_ID: item_id,
+            attr.RPC_GRPC_STATUS_CODE: status_code,
+            attr.ERROR_TYPE: error_type,
+        }
+        if model is not None:
+            attributes[attr.GEN_AI_REQUEST_MODEL] = model
+        span.add_event(attr.BATCH_ITEM_FAILED, attributes)
+        scope = CURRENT_RPC.get()
+        if scope is not None and scope.span is span:  # set with the rest as the span ends
+            failed = scope.attributes
+            failed[attr.BATCH_FAILED_ITEMS] = failed.get(attr.BATCH_FAILED_ITEMS, 0) + 1
 
     # --- hooks for the cache, retry loop and breaker -----------------------------------
 

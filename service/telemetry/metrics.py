@@ -164,6 +164,14 @@ class Instruments:
             unit="{request}",
             description="RPCs finished, by method and gRPC status code",
         )
+        # A batch's items, each its own outcome: its RPC ends OK whatever they ended with.
+        self.batch_items = Tally((RPC_GRPC_STATUS_CODE, GEN_AI_REQUEST_MODEL, TENANT))
+        meter.create_observable_counter(
+            "llm_gateway.batch.items",
+            callbacks=[self.batch_items.observe],
+            unit="{item}",
+            description="CompleteBatch items finished, by gRPC status code, model and tenant",
+        )
         self.rpc_duration = histogram(
             "llm_gateway.rpc.duration",
             unit="s",

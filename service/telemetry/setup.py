@@ -607,6 +607,32 @@ def _service_name_from(environ: Mapping[str, str]) -> str | None:
     return urllib.parse.unquote(last_value) if last_value else None
 
 
+WORKER = "llm_gateway.worker"
+_INSTANCE_ID = "service.instance.id"
+
+
+def service_resource(
+    config: TelemetryConfig, environ: Mapping[str, str], *, worker: int | None = None
+) -> Resource:
+    """The resource spans and metrics are exported under: the SDK's (the environment's
+    `OTEL_RESOURCE_ATTRIBUTES`, its detectors) with the service's name, and for a worker
+    of `--workers N` its index, as `llm_gateway.worker` and at the end of
+    `service.instance.id` (`<id>-worker-<index>`).
+
+    The workers of one machine share its environment: under an operator's id (a pod's
+    name) they exported as one instance, and a collector took their cumulative series
+    for one, each worker's counts resetting the other's.
+    """
+    resource = Resource.create({"service.name": _service_name_from(environ) or config.service_name})
+    if worker is None:
+        return resource
+    attributes: dict[str, str | int] = {WORKER: worker}
+    instance = resource.attributes.get(_INSTANCE_ID)
+    if instance:  # the operator's, or the SDK's random one (unique already, suffixed alike)
+        attributes[_INSTANCE_ID] = f"{instance}-worker-{worker}"
+    return resource.merge(Resource(attributes))
+
+
 @dataclass(slots=True)
 class Providers:
     """The tracer and meter one gateway uses, and what must be shut down with it."""
@@ -663,8 +689,10 @@ def build_providers(
     environ: Mapping[str, str] | None = None,
     span_processors: Sequence[SpanProcessor] = (),
     extra_metric_readers: Sequence[MetricReader] = (),
+    worker: int | None = None,
 ) -> Providers:
     """Providers for `config` and the environment; tests add in-memory processors/readers.
+    `worker`: the process's index among `--workers N` (see `service_resource`).
 
     With no exporter configured and nothing injected, the no-op tracer and meter are
     used, so telemetry that goes nowhere costs next to nothing.
@@ -684,7 +712,7 @@ def build_providers(
     exemplar_filter = _exemplar_filter(env) if readers or wants_prometheus else None
     if processors or readers or wants_prometheus:
         _check_resource_attributes(env)
-    resource = Resource.create({"service.name": _service_name_from(env) or config.service_name})
+    resource = service_resource(config, env, worker=worker)
     if wants_prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry, start_http_server

@@ -70,6 +70,11 @@ OUTCOME = "llm_gateway.outcome"
 CACHE_RESULT = "llm_gateway.cache.result"
 CACHE_DIRECTION = "llm_gateway.cache.direction"
 STORE = "llm_gateway.store"
+# A batch's failed items: how many on its span, and an event for each.
+BATCH_FAILED_ITEMS = "llm_gateway.batch.failed_items"
+BATCH_ITEM_FAILED = "llm_gateway.batch.item_failed"
+BATCH_ITEM_INDEX = "llm_gateway.batch.item.index"
+BATCH_ITEM_ID = "llm_gateway.batch.item.id"
 
 OPERATION_CHAT = "chat"
 # The most characters of a name an upstream's answer gives (`gen_ai.response.model`,

@@ -561,7 +561,7 @@ def dashboard_metric_names() -> set[str]:
 async def start_dashboard_gateway(start_gateway, upstream, redis_server, telemetry):
     """A gateway with the cache, retries and the usage ledger in Redis (whose late writes
     the dashboard also plots), after the calls that make every series it plots: a
-    retried 503, a cache miss then a hit, a stream. Its model is sent upstream under
+    retried 503, a cache miss then a hit, a stream, a batch. Its model is sent upstream under
     another name, `UPSTREAM_MODEL`, as a provider's own name for it would be."""
     config = gateway_config(
         upstream.base_url,
@@ -581,6 +581,8 @@ async def start_dashboard_gateway(start_gateway, upstream, redis_server, telemet
             await asyncio.sleep(0.005)
     assert (await gw.stub.Complete(deterministic)).metadata.cache_hit
     _ = [e async for e in gw.stub.CompleteStream(chat_stream())]
+    items = [pb.BatchItem(id=str(i), request=chat(f"item {i}")) for i in range(2)]
+    _ = [e async for e in gw.stub.CompleteBatch(pb.CompleteBatchRequest(items=items))]
     return gw
 
 
@@ -642,6 +644,40 @@ async def test_the_dashboards_panels_by_model_name_one_call_alike(
             for model in MODEL_LABEL.findall(line)
         }
         assert models == {FAKE_MODEL}, name
+
+
+QUANTILE = re.compile(r"histogram_quantile\([\d.]+, sum by \(([^)]*)\) \(rate\((\w+)")
+
+
+@pytest.mark.redis
+async def test_the_dashboards_quantiles_of_rpc_histograms_keep_each_method_apart(
+    upstream, start_gateway, redis_server
+):
+    """Every quantile the dashboard plots of a histogram whose series name the RPC method
+    (latency, overhead) groups by `rpc_method`, so one method's series never set
+    another's quantile.
+
+    Before, the overhead panel summed every method's buckets: a batch's or a summary's
+    wait for its tenant's turns (the gateway's own time) pushed the p99 of every call to
+    the top bucket."""
+    text = await dashboard_gateway_metrics(start_gateway, upstream, redis_server)
+    dashboard = json.loads((DEPLOY / "grafana" / "llm-gateway-dashboard.json").read_text())
+    quantiles = [
+        QUANTILE.match(target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if target["expr"].startswith("histogram_quantile(")
+    ]
+    by_method = {
+        line.split("{")[0] for line in text.splitlines() if 'rpc_method="CompleteBatch"' in line
+    }
+    grouped = 0
+    for quantile in quantiles:
+        assert quantile is not None
+        if quantile[2] in by_method:
+            grouped += 1
+            assert "rpc_method" in [label.strip() for label in quantile[1].split(",")], quantile[0]
+    assert grouped >= 4  # p50 and p99 of the latency and of the overhead
 
 
 BREAKER_GAUGE = "llm_gateway_upstream_breaker_state"
@@ -769,6 +805,63 @@ def test_collector_config_receives_otlp_and_serves_prometheus():
     for pipeline in pipelines.values():
         assert set(pipeline["exporters"]) <= set(config["exporters"])
         assert set(pipeline["processors"]) <= set(config["processors"])
+
+
+def exported_resources(requests) -> set[tuple[str, int]]:
+    """The (`service.instance.id`, `llm_gateway.worker`) of every resource metrics came
+    under (-1: no worker named)."""
+    found = set()
+    for request in requests:
+        for resource_metrics in request.resource_metrics:
+            attributes = {a.key: a.value for a in resource_metrics.resource.attributes}
+            worker = (
+                attributes["llm_gateway.worker"].int_value
+                if "llm_gateway.worker" in attributes
+                else -1
+            )
+            found.add((attributes["service.instance.id"].string_value, worker))
+    return found
+
+
+async def test_each_worker_exports_under_an_instance_id_of_its_own(upstream, tmp_path):
+    """`serve --workers 2` with `service.instance.id` set in OTEL_RESOURCE_ATTRIBUTES (a
+    pod's name): each worker's metrics reach the collector under that id with its index
+    (`-worker-0`, `-worker-1`), and with `llm_gateway.worker`.
+
+    Before, both exported under the operator's id alone: the collector took their
+    cumulative series for one, each worker's counts resetting the other's."""
+    path = tmp_path / "gateway.yaml"
+    config = gateway_config_data(upstream.base_url, server={"grace_period_s": 0.5})
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    metrics_collector = MetricsCollector()
+    async with otlp_grpc_receiver(metrics_collector) as endpoint:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("LLM_GATEWAY", "OTEL_"))},
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=pod-a,deployment.environment=test",
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "serve", "--config", str(path), "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            async with asyncio.timeout(30):
+                line = (await process.stdout.readline()).decode()
+            assert line.startswith("llm-gateway listening on "), line
+            process.send_signal(signal.SIGTERM)  # each worker flushes its metrics as it stops
+            async with asyncio.timeout(30):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert exported_resources(metrics_collector.requests) == {
+        ("pod-a-worker-0", 0),
+        ("pod-a-worker-1", 1),
+    }
 
 
 async def test_sigterm_exits_within_the_flush_bound_when_the_collector_is_down(

@@ -509,6 +509,56 @@ async def test_a_batch_spans_cost_is_the_exact_sum_of_its_items(traced, captured
     assert rpc["llm_gateway.cost.usd"] == summary.cost_usd
 
 
+BATCH_SPAN = "llmgateway.v1.CompletionService/CompleteBatch"
+BATCH_ITEMS = "llm_gateway.batch.items"
+
+
+async def test_a_batchs_failed_items_are_counted_by_status_and_marked_on_its_span(
+    traced, captured, upstream
+):
+    """A batch of one answered item, one for a model no upstream serves and one its
+    upstream fails with a 500: `llm_gateway.batch.items` counts one of each status (the
+    unknown model's name left out: a caller's names are unbounded), and the batch's span,
+    OK as its RPC is, has an event for each failed item and says how many failed.
+
+    Before, the RPC counted OK in `llm_gateway.requests` and its span marked nothing: the
+    dashboard's error rate read 0% while most of a batch's items failed."""
+    upstream.script(Reply(), Status(500))
+    requests = [chat("answered"), chat("unknown", model="no-such-model"), chat("failed")]
+    items = [pb.BatchItem(id=f"item-{i}", request=r) for i, r in enumerate(requests)]
+    request = pb.CompleteBatchRequest(items=items, concurrency=1)
+    events = [e async for e in traced.stub.CompleteBatch(request)]
+    assert [e.result.error.code for e in events[:-1]] == [0, 5, 14]
+    counted = {
+        (p.attributes["rpc.grpc.status_code"], p.attributes["gen_ai.request.model"]): p.value
+        for p in captured.points(BATCH_ITEMS)
+        if p.attributes["llm_gateway.tenant"] == "default"
+    }
+    assert counted == {(0, FAKE_MODEL): 1, (5, ""): 1, (14, FAKE_MODEL): 1}
+    span = await captured.ended(BATCH_SPAN)
+    assert span.status.status_code is StatusCode.UNSET
+    assert attributes_of(span)["llm_gateway.batch.failed_items"] == 2
+    failed = [
+        dict(e.attributes or {}) for e in span.events if e.name == "llm_gateway.batch.item_failed"
+    ]
+    assert failed == [
+        {
+            "llm_gateway.batch.item.index": 1,
+            "llm_gateway.batch.item.id": "item-1",
+            "rpc.grpc.status_code": 5,
+            "error.type": "MODEL_NOT_FOUND",
+            "gen_ai.request.model": "no-such-model",
+        },
+        {
+            "llm_gateway.batch.item.index": 2,
+            "llm_gateway.batch.item.id": "item-2",
+            "rpc.grpc.status_code": 14,
+            "error.type": "UPSTREAM_UNAVAILABLE",
+            "gen_ai.request.model": FAKE_MODEL,
+        },
+    ]
+
+
 async def test_spans_carry_the_reasoning_effort_and_reasoning_tokens(traced, captured, upstream):
     """The attempt's span names the effort asked for; both spans count the tokens spent
     thinking, and a batch's span adds them up over its items."""

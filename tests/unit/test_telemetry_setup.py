@@ -23,7 +23,12 @@ import service.telemetry
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry, TelemetrySetupError, activate, active
 from service.telemetry.outages import WatchedSpanExporter
-from service.telemetry.setup import build_providers, metric_readers, span_exporters
+from service.telemetry.setup import (
+    build_providers,
+    metric_readers,
+    service_resource,
+    span_exporters,
+)
 from tests.telemetry_support import captured_telemetry
 
 
@@ -161,6 +166,24 @@ def test_the_environments_service_name_wins_over_the_configs(monkeypatch, enviro
     assert providers.tracer_provider is not None
     assert providers.tracer_provider.resource.attributes["service.name"] == expected
     providers.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("worker", "expected"),
+    [(None, ("pod-a", None)), (0, ("pod-a-worker-0", 0)), (3, ("pod-a-worker-3", 3))],
+)
+def test_a_workers_resource_names_it_beside_the_operators_instance_id(
+    monkeypatch, worker, expected
+):
+    """Under an operator's `service.instance.id`, a worker of `--workers N` exports as
+    `<id>-worker-<index>` with `llm_gateway.worker`; a single process keeps the id as it
+    is. The operator's other attributes stay."""
+    environ = {"OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=pod-a,team=ml"}
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", environ["OTEL_RESOURCE_ATTRIBUTES"])
+    resource = service_resource(TelemetryConfig(), environ, worker=worker)
+    attributes = resource.attributes
+    assert (attributes["service.instance.id"], attributes.get("llm_gateway.worker")) == expected
+    assert (attributes["service.name"], attributes["team"]) == ("llm-gateway", "ml")
 
 
 def test_hooks_reach_the_active_telemetry():
