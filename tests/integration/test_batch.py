@@ -524,11 +524,18 @@ async def test_a_caller_that_stops_reading_stops_the_batch_starting_items(start_
     assert len(fake.requests) == 40
 
 
-def _two_models_for_team_a(base_url: str, *, team_a: dict, **resilience: object):
-    """up0 serving model-a and model-b; callers' keys for team-a (limited by `team_a`)."""
+def _two_models_for_team_a(
+    base_url: str, *, team_a: dict, limits_redis_url: str | None, **resilience: object
+):
+    """up0 serving model-a and model-b; callers' keys for team-a (limited by `team_a`, in
+    Redis at `limits_redis_url`, else in memory)."""
     data = gateway_config_data(
         base_url,
-        auth={"mode": "keys", "keys": [{"sha256": hash_key(CALLER_KEY_A), "tenant": "team-a"}]},
+        auth={
+            "mode": "keys",
+            "keys": [{"sha256": hash_key(CALLER_KEY_A), "tenant": "team-a"}],
+            "redis_url": limits_redis_url,
+        },
         tenants={"team-a": team_a},
         resilience=resilience,
         batch={"rate_left_to_other_calls": 0},
@@ -539,7 +546,7 @@ def _two_models_for_team_a(base_url: str, *, team_a: dict, **resilience: object)
 
 
 async def test_an_item_waiting_out_its_breakers_cool_down_holds_no_call_slot(
-    start_gateway, monkeypatch
+    start_gateway, monkeypatch, limits_redis_url
 ):
     """team-a may run one call at a time. Its batch item's 500 opens model-a's breaker,
     and the item waits out the cool-down to try again: meanwhile team-a's call to
@@ -570,6 +577,7 @@ async def test_an_item_waiting_out_its_breakers_cool_down_holds_no_call_slot(
         config = _two_models_for_team_a(
             upstream.base_url,
             team_a={"max_concurrent_calls": 1, "requests_per_minute": 2},
+            limits_redis_url=limits_redis_url,
             attempts=2,
             breaker_consecutive_failures=1,
             breaker_cool_down_s=0.2,
