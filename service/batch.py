@@ -117,15 +117,15 @@ async def run_batch(
     *,
     concurrency: int,
     deadline: Deadline,
-    pace: Callable[[int, Deadline], contextlib.AbstractAsyncContextManager[TakenTurn]]
-    | None = None,
+    pace: Pace | None = None,
 ) -> AsyncGenerator[ItemOutcome | BatchTotals, None]:
     """Yield each item's outcome as it finishes, then the `BatchTotals`.
 
-    At most `concurrency` items are in flight. Each valid item runs within `pace` (its
-    tokens, the deadline): its turn under its tenant's per-minute limits and one of its
-    tenant's call slots, held until its upstream call ends. Closing or cancelling the
-    iterator cancels the items still running (their upstream requests are closed).
+    At most `concurrency` items are in flight. Each try of a valid item runs within
+    `pace` (its tokens, the deadline): its turn under its tenant's per-minute limits and
+    one of its tenant's call slots, held until its upstream call ends (a try after one
+    that was sent takes only a slot: the item's units are spent). Closing or cancelling
+    the iterator cancels the items still running (their upstream requests are closed).
 
     Once the server is stopping no item starts: those running are yielded as they
     finish, then `ShuttingDown` is raised in place of the totals, for the caller to run
@@ -158,19 +158,16 @@ async def run_batch(
                 raise InvalidRequest(
                     chat_request_violations(item.request, limits, prior=item.violations)
                 )
-            turn: contextlib.AbstractAsyncContextManager[TakenTurn | None] = (
-                contextlib.nullcontext()
-            )
+            turn: Turn = _unpaced
             if pace is not None:
                 # Refuse an invalid item, or one for a model no upstream serves, before
                 # it takes any of the tenant's limits: it makes no upstream call.
-                turn = pace(item.tokens(pipeline.prepare(item.request)), deadline)
-            async with pipeline.in_turn(turn):
-                # Its timings count from the batch's start: its wait for its turn (the
-                # batch's concurrency, its tenant's limits) is queued time.
-                completion = await _complete_item(
-                    pipeline, item.request, deadline=deadline, waiting_since=started
-                )
+                turn = _paced(pace, item.tokens(pipeline.prepare(item.request)), deadline)
+            # Its timings count from the batch's start: its wait for its turn (the
+            # batch's concurrency, its tenant's limits) is queued time.
+            completion = await _complete_item(
+                pipeline, item.request, deadline=deadline, waiting_since=started, turn=turn
+            )
         except ShuttingDown as refused:  # it began while the item waited its turn
             stopped.append(refused)
             finished.put_nowait(None)
@@ -234,8 +231,39 @@ def _stopped(refusals: Sequence[ShuttingDown]) -> ShuttingDown:
     return ShuttingDown()
 
 
+class Pace(Protocol):
+    """Takes one upstream call's turn under its tenant's limits (`BatchPacer.turn`)."""
+
+    def __call__(
+        self, tokens: int, deadline: Deadline, *, requests: int = 1
+    ) -> contextlib.AbstractAsyncContextManager[TakenTurn]: ...
+
+
+# One try's turn, given whether an earlier try of the item was sent (its units spent).
+Turn = Callable[[bool], contextlib.AbstractAsyncContextManager[TakenTurn | None]]
+
+
+def _unpaced(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
+    return contextlib.nullcontext()
+
+
+def _paced(pace: Pace, tokens: int, deadline: Deadline) -> Turn:
+    """An item's turns under `pace`: its first (or every one while none of its tries was
+    sent) takes its request and `tokens`, a later one only a call slot."""
+
+    def turn(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
+        return pace(0, deadline, requests=0) if was_sent else pace(tokens, deadline)
+
+    return turn
+
+
 async def _complete_item(
-    pipeline: Pipeline, request: ChatRequest, *, deadline: Deadline, waiting_since: float
+    pipeline: Pipeline,
+    request: ChatRequest,
+    *,
+    deadline: Deadline,
+    waiting_since: float,
+    turn: Turn = _unpaced,
 ) -> Completion:
     """One item's completion. An item refused as its upstream restarts (the local model,
     dead under it or before it), or failed with every upstream of its model kept off by
@@ -243,6 +271,10 @@ async def _complete_item(
     or the first breaker lets a call through (`reopen_wait_s`), as a Summarize part does:
     within the deadline and `resilience.attempts` tries, else it fails with the last
     failure that says why (`says_why`).
+
+    Each try runs in a `turn` of its own (`Pipeline.in_turn`): the wait between two, 15 s
+    or more of a breaker's cool-down or a restart, holds none of its tenant's call slots,
+    which its tenant's other calls may use meanwhile.
 
     Raises:
         ShuttingDown: the server began stopping while the item waited its turn or for
@@ -257,9 +289,11 @@ async def _complete_item(
     failures: list[str] = []
     for attempt in range(1, attempts + 1):
         try:
-            return await pipeline.complete_in_turn(
-                request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
-            )
+            # A try that went back unsent gave its units back as it ended (`in_turn`).
+            async with pipeline.in_turn(turn(was_sent)):
+                return await pipeline.complete_in_turn(
+                    request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
+                )
         # Refused before this try was sent: unsent only if no earlier try was, and
         # naming the earlier tries' failures with this one's.
         except (ShuttingDown, BudgetExceeded, DeadlineExceeded, ContextWindowExceeded) as refused:

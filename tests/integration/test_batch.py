@@ -9,12 +9,22 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+import service.pipeline
 import service.servicer
 from gateway_client.errors import error_details
 from llmgateway.v1 import gateway_pb2 as pb
-from tests.conftest import FAKE_MODEL, chat, gateway_config
+from service.auth import hash_key
+from service.config import parse_config
+from tests.conftest import (
+    FAKE_MODEL,
+    chat,
+    fake_model_window,
+    gateway_config,
+    gateway_config_data,
+)
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.scripted_upstream import ScriptedUpstream, user_text
+from tests.secret_capture import CALLER_KEY_A
 
 # An OpenAI-style 400 saying why.
 REFUSAL = '{"error": {"message": "Unsupported value: \'seed\'", "param": "seed", "code": "x"}}'
@@ -512,3 +522,82 @@ async def test_a_caller_that_stops_reading_stops_the_batch_starting_items(start_
         rest = [event async for event in events]
     assert rest[-1].summary.succeeded == 40
     assert len(fake.requests) == 40
+
+
+def _two_models_for_team_a(
+    base_url: str, *, team_a: dict, limits_redis_url: str | None, **resilience: object
+):
+    """up0 serving model-a and model-b; callers' keys for team-a (limited by `team_a`, in
+    Redis at `limits_redis_url`, else in memory)."""
+    data = gateway_config_data(
+        base_url,
+        auth={
+            "mode": "keys",
+            "keys": [{"sha256": hash_key(CALLER_KEY_A), "tenant": "team-a"}],
+            "redis_url": limits_redis_url,
+        },
+        tenants={"team-a": team_a},
+        resilience=resilience,
+        batch={"rate_left_to_other_calls": 0},
+    )
+    data["upstreams"][0]["models"] = ["model-a", "model-b"]
+    data["models"] = {name: fake_model_window(4096)[FAKE_MODEL] for name in ("model-a", "model-b")}
+    return parse_config(data, source="<test>", environ={})
+
+
+async def test_an_item_waiting_out_its_breakers_cool_down_holds_no_call_slot(
+    start_gateway, monkeypatch, limits_redis_url
+):
+    """team-a may run one call at a time. Its batch item's 500 opens model-a's breaker,
+    and the item waits out the cool-down to try again: meanwhile team-a's call to
+    model-b, healthy, is served, for no upstream call of team-a is running. The item's
+    second try then takes a slot again, and no second request of team-a's minute: both
+    tries together count as the one item (the plain call takes the minute's other).
+
+    Before, the item held team-a's only slot through the cool-down (15 s by default,
+    and as long again for each later try), and team-a's every other call was refused
+    RESOURCE_EXHAUSTED for `max_concurrent_calls` though nothing of it ran upstream."""
+    waiting, cooled_down = asyncio.Event(), asyncio.Event()
+    pause = service.pipeline.Pipeline.pause
+
+    async def held_until_told(self, seconds, **kwargs):
+        waiting.set()
+        await cooled_down.wait()
+        await pause(self, seconds, **kwargs)
+
+    monkeypatch.setattr(service.pipeline.Pipeline, "pause", held_until_told)
+    failures = [Status(500)]
+
+    def respond(body):
+        if body["model"] == "model-a" and failures:
+            return failures.pop()
+        return Reply(content=f"answer from {body['model']}")
+
+    async with ScriptedUpstream(respond=respond) as upstream:
+        config = _two_models_for_team_a(
+            upstream.base_url,
+            team_a={"max_concurrent_calls": 1, "requests_per_minute": 2},
+            limits_redis_url=limits_redis_url,
+            attempts=2,
+            breaker_consecutive_failures=1,
+            breaker_cool_down_s=0.2,
+        )
+        gateway = await start_gateway(config)
+        key = (("authorization", f"Bearer {CALLER_KEY_A}"),)
+        item = pb.BatchItem(id="a", request=chat("q", model="model-a"))
+        call = gateway.stub.CompleteBatch(
+            pb.CompleteBatchRequest(items=[item]), metadata=key, timeout=30
+        )
+        batch_done = asyncio.ensure_future(collect(call))
+        await waiting.wait()
+        plain = await gateway.stub.Complete(chat("q", model="model-b"), metadata=key)
+        assert plain.content == "answer from model-b"
+        cooled_down.set()
+        results, summary = await batch_done
+        assert (summary.succeeded, summary.failed) == (1, 0)
+        assert results[0].response.content == "answer from model-a"
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await gateway.stub.Complete(chat("again", model="model-b"), metadata=key)
+    assert over.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_details(over.value).quota_violations[0][0] == "tenant:team-a:requests_per_minute"
+    assert [r.body["model"] for r in upstream.requests] == ["model-a", "model-b", "model-a"]
