@@ -212,6 +212,11 @@ class FileKeyStore:
     So a key made with `keys create` works on a running gateway within seconds. A file
     that turns unreadable or malformed later is logged and the last good keys kept; at
     startup it is an error.
+
+    While serving, the file is checked in a worker thread, one check at a time, and the
+    lookups meanwhile wait for it: read and parsed on the event loop, a file of 10,000
+    keys stopped every call and stream of the process for a tenth of a second or more at
+    each change, and a hung network mount stopped them for good.
     """
 
     def __init__(
@@ -236,6 +241,7 @@ class FileKeyStore:
         self._is_read_in_its_tick = False
         self._keys: tuple[CallerKey, ...] = ()
         self._store = StaticKeyStore(())
+        self._checking: asyncio.Future[None] | None = None  # the check in its thread
         self._refresh(is_strict=True)
 
     def _refresh(self, *, is_strict: bool = False) -> None:
@@ -303,8 +309,25 @@ class FileKeyStore:
 
     async def tenant_for(self, digest: str) -> str | None:
         """The tenant of `digest` in the file as it is now."""
-        self._refresh()
+        if self._checking is not None or self._clock.now() - self._checked_at >= self._check_s:
+            await self._checked()
         return await self._store.tenant_for(digest)
+
+    async def _checked(self) -> None:
+        """Once the file's check, started now in a worker thread unless one runs, ends. A
+        lookup cancelled meanwhile leaves it running for the others (`asyncio.wait`)."""
+        checking = self._checking
+        if checking is None:
+            checking = self._checking = asyncio.ensure_future(asyncio.to_thread(self._refresh))
+            checking.add_done_callback(self._check_ended)
+        await asyncio.wait((checking,))
+
+    def _check_ended(self, checking: asyncio.Future[None]) -> None:
+        if self._checking is checking:
+            self._checking = None
+        if not checking.cancelled() and checking.exception() is not None:
+            # `_refresh` logs what the file's reading raises; anything else is a bug.
+            log.error("auth.keys_file_check_failed", exc_info=checking.exception())
 
 
 def redis_connection_options(config: AuthConfig, environ: Mapping[str, str]) -> dict[str, Any]:

@@ -853,6 +853,8 @@ class RequestDefaults:
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_.\-@:]{1,128}")
+# One pattern match: a keys file of 10,000 lines is parsed on each change while serving.
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # The entry under `tenants` or `budgets` for every tenant without its own (never a
 # tenant's name: `*` is not one).
 ANY_TENANT = "*"
@@ -872,7 +874,7 @@ class CallerKey:
 
     def __post_init__(self) -> None:
         _require(
-            len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+            _SHA256_HEX.fullmatch(self.sha256) is not None,
             "sha256 must be 64 lowercase hex digits (the key's hash, never the key)",
         )
         _require(is_tenant_name(self.tenant), "tenant must be 1-128 of A-Z a-z 0-9 _ . - @ :")
