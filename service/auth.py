@@ -302,10 +302,12 @@ class FileKeyStore:
     async def watch(self) -> None:
         """Check the file every `check_s` between calls too, till cancelled: under
         `serve --workers N` only worker 0 says the file turned unusable
-        (`service.logs.SaidByWorker0`), and the kernel may give it no call for a long time."""
+        (`service.logs.SaidByWorker0`), and the kernel may give it no call for a long time.
+        In the worker thread lookups check it in (`_checked`), one check at a time: on the
+        event loop a large file's parse stopped every call of the process."""
         while True:
             await self._clock.sleep(max(self._check_s, _WATCH_MIN_S))
-            self._refresh()
+            await self._checked()
 
     async def tenant_for(self, digest: str) -> str | None:
         """The tenant of `digest` in the file as it is now."""
