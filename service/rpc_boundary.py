@@ -499,11 +499,12 @@ def _guard_unary(
                 if gate is None:  # nothing to admit (see `guard_servicer`): no `async with`
                     if isinstance(request, UndecodableRequest):  # checked here: a frame less
                         _refuse_undecodable(request)
-                    rpc.set_tenant(current_tenant())
+                    if rpc.is_recording:  # the tenant is for the span: not looked up for none
+                        rpc.set_tenant(current_tenant())
                     response = await method(request, context)
                 else:
                     async with _caller(request, principal, gate, check):
-                        if principal is None:
+                        if principal is None and rpc.is_recording:
                             rpc.set_tenant(current_tenant())
                         response = await method(request, context)
             except asyncio.CancelledError:
@@ -567,7 +568,7 @@ def _guard_stream(
             try:
                 async with _caller(request, principal, gate, check) as tenant_slot:
                     slot.tenant_slot = tenant_slot
-                    if principal is None:
+                    if principal is None and rpc.is_recording:
                         rpc.set_tenant(current_tenant())
                     # Closed here, not by the garbage collector, however the call ends.
                     messages = method(request, context)
