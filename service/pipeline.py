@@ -654,14 +654,19 @@ class Pipeline:
         if self._cache is None:
             return None
         known = self._repeatable.get(repeat_key)
-        if known is None or not self._is_current(known.prepared):
+        if known is None:
             return None
-        request = known.prepared.request
+        prepared = known.prepared
+        asked = prepared.asked
+        # `_is_current` written out: a frame on every repeated request.
+        if prepared.calibration != self.calibration.factor(asked.model, asked.tenant):
+            return None
+        request = prepared.request
         completion = self._cache.recall(known.store_key)
         if completion is None:
             return None
-        if completion.dropped_messages != known.prepared.dropped:  # a frame less when equal
-            completion = _with_dropped(completion, known.prepared.dropped)
+        if completion.dropped_messages != prepared.dropped:  # a frame less when equal
+            completion = _with_dropped(completion, prepared.dropped)
         self._on_answered()
         await self.account(request, completion)
         return completion
