@@ -40,7 +40,7 @@ from service.domain import (
     Usage,
     assemble_tool_calls,
 )
-from service.errors import GatewayError, ShuttingDown, UpstreamContextExceeded
+from service.errors import GatewayError, InvalidRequest, ShuttingDown, UpstreamContextExceeded
 from service.ledger import Ledger, MemoryLedger, UsageEntry
 from service.limits import LimitExceeded
 from service.memo import BoundedMemo
@@ -49,7 +49,7 @@ from service.pricing import PriceList
 from service.telemetry import active as telemetry
 from service.tokens import estimate_output_tokens
 from service.upstream.types import StreamEnd, StreamEvent, TextChunk, joined_chunks
-from service.validation import validate_chat_request
+from service.validation import chat_request_violations
 
 if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes it in
     from service.cache import ResponseCache
@@ -324,7 +324,10 @@ class Pipeline:
         and usage all take the figure from here.
         """
         defaults = self._config.defaults
-        validate_chat_request(request, defaults)
+        # `validate_chat_request` written out: a frame on every call prepared.
+        violations = chat_request_violations(request, defaults)
+        if violations:
+            raise InvalidRequest(violations)
         model, params = request.model, request.params
         self._pool.routes(model)
         if model in self._pool.toolless:
@@ -512,7 +515,11 @@ class Pipeline:
         `is_rerun`: the call runs again one that failed (`AttemptLog.is_rerun`).
         """
         started = time.monotonic()
-        prepared = self._prepared(request)
+        # `_prepared` of a request not prepared yet (most) written out: a frame on every miss.
+        if isinstance(request, ChatRequest):
+            prepared = self.prepare(request)
+        else:
+            prepared = self._prepared(request)
         request = prepared.request
         # A cache miss reserves its expected cost against the tenant's budget; it is released
         # only after account() (or on failure), so the cost always counts, reserved or spent.
