@@ -373,7 +373,14 @@ class Telemetry:
         Started here; `with` it, and it ends with the block's outcome.
         """
         token = None
-        has_trace_context = self._has_trace_context(metadata)
+        # Whether the caller sent anything the propagators read (gRPC keys are lowercase):
+        # a loop here, not `any` over a generator or a method, a frame more on every RPC.
+        has_trace_context = False
+        trace_keys = self._trace_keys
+        for key, _ in metadata:
+            if key in trace_keys:
+                has_trace_context = True
+                break
         is_recording = False
         if not self.records_spans and not has_trace_context:
             # Nothing to record and nothing to pass on: skip reading the metadata.
@@ -401,15 +408,6 @@ class Telemetry:
         scope = RpcScope(span=span, method=method, is_recording=is_recording)
         self.in_flight += 1
         return RpcContext(self, scope, CURRENT_RPC.set(scope), token)
-
-    def _has_trace_context(self, metadata: Sequence[tuple[str, Any]]) -> bool:
-        """Whether the caller sent anything the propagators read (gRPC keys are lowercase)."""
-        trace_keys = self._trace_keys
-        # A loop, not `any` over a generator (a frame more): every RPC asks.
-        for key, _ in metadata:  # noqa: SIM110
-            if key in trace_keys:
-                return True
-        return False
 
     def _end_rpc(self, scope: RpcScope) -> None:
         records_spans, records_metrics = self.records_spans, self.records_metrics
