@@ -125,7 +125,8 @@ class AttemptSpan:
                 if error_type is not None:  # its duration's alone: no attribute of its tokens
                     duration = {**duration, attr.ERROR_TYPE: error_type}
                 telemetry.instruments.operation_duration.record(elapsed, duration)
-            span.end()
+            if telemetry.records_spans:  # else the no-op span: nothing to end
+                span.end()
 
     def _record_first_chunk(self, first_chunk_s: float) -> None:
         """Time to first chunk of a stream that answered, on the span and the metric, as
@@ -173,7 +174,8 @@ class AttemptSpan:
         response_model = response_model[: attr.MOST_ANSWER_NAME_CHARS]
         if response_model and self.telemetry.records_metrics:
             self.answer = self.route.answered[response_model]
-        if not span.is_recording():
+        # Without a tracer provider the span is the no-op one: not asked (every attempt).
+        if not (self.telemetry.records_spans and span.is_recording()):
             return
         # One call: each set_attribute takes the span's lock and validates on its own.
         attributes: dict[str, Any] = {
