@@ -548,7 +548,8 @@ class Pipeline:
                     completion = _queued_before(completion, (started - waiting_since) * _MS)
                 await self.account(request, completion, admitted_s=hold.admitted_s)
             finally:
-                await self._account_owed(request, owed, hold)
+                if owed.completion is not None:  # a frame less for most calls: none owed
+                    await self._account_owed(request, owed, hold)
         return completion
 
     async def complete_in_turn(
