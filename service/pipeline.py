@@ -43,6 +43,7 @@ from service.domain import (
 )
 from service.errors import (
     GatewayError,
+    InvalidRequest,
     ShuttingDown,
     UpstreamContextExceeded,
     ended_unsent,
@@ -56,7 +57,7 @@ from service.pricing import PriceList
 from service.telemetry import active as telemetry
 from service.tokens import estimate_output_tokens
 from service.upstream.types import StreamEnd, StreamEvent, TextChunk, fold_chunks, joined_chunks
-from service.validation import validate_chat_request
+from service.validation import chat_request_violations
 
 if TYPE_CHECKING:  # only annotated here; the server builds the cache and passes it in
     from service.cache import ResponseCache
@@ -333,7 +334,10 @@ class Pipeline:
         and usage all take the figure from here.
         """
         defaults = self._config.defaults
-        validate_chat_request(request, defaults)
+        # `validate_chat_request` written out: a frame on every call prepared.
+        violations = chat_request_violations(request, defaults)
+        if violations:
+            raise InvalidRequest(violations)
         model, params = request.model, request.params
         self._pool.routes(model)
         if model in self._pool.toolless:
@@ -521,7 +525,11 @@ class Pipeline:
         `is_rerun`: the call runs again one that failed (`AttemptLog.is_rerun`).
         """
         started = time.monotonic()
-        prepared = self._prepared(request)
+        # `_prepared` of a request not prepared yet (most) written out: a frame on every miss.
+        if isinstance(request, ChatRequest):
+            prepared = self.prepare(request)
+        else:
+            prepared = self._prepared(request)
         request = prepared.request
         # A cache miss reserves its expected cost against the tenant's budget; it is released
         # only after account() (or on failure), so the cost always counts, reserved or spent.
@@ -555,7 +563,8 @@ class Pipeline:
                     completion = _queued_before(completion, (started - waiting_since) * _MS)
                 await self.account(request, completion, admitted_s=hold.admitted_s)
             finally:
-                await self._account_owed(request, owed, hold)
+                if owed.completion is not None:  # a frame less for most calls: none owed
+                    await self._account_owed(request, owed, hold)
         return completion
 
     async def complete_in_turn(
@@ -676,14 +685,19 @@ class Pipeline:
         if self._cache is None:
             return None
         known = self._repeatable.get(repeat_key)
-        if known is None or not self._is_current(known.prepared):
+        if known is None:
             return None
-        request = known.prepared.request
+        prepared = known.prepared
+        asked = prepared.asked
+        # `_is_current` written out: a frame on every repeated request.
+        if prepared.calibration != self.calibration.factor(asked.model, asked.tenant):
+            return None
+        request = prepared.request
         completion = self._cache.recall(known.store_key)
         if completion is None:
             return None
-        if completion.dropped_messages != known.prepared.dropped:  # a frame less when equal
-            completion = _with_dropped(completion, known.prepared.dropped)
+        if completion.dropped_messages != prepared.dropped:  # a frame less when equal
+            completion = _with_dropped(completion, prepared.dropped)
         self._on_answered()
         await self.account(request, completion)
         return completion

@@ -183,9 +183,12 @@ class RetryBudget:
         """A first attempt was sent to the upstream."""
         now = self._clock.now()
         # Only the requests' stamps: every call's first attempt comes here; the retries'
-        # are pruned where they are counted or added.
-        _drop_until(self._requests, now - self.window_s)
-        self._requests.append(now)
+        # are pruned where they are counted or added. `_drop_until` written out (a frame
+        # on every call).
+        requests, horizon = self._requests, now - self.window_s
+        while requests and requests[0] <= horizon:
+            requests.popleft()
+        requests.append(now)
 
     def can_retry(self) -> bool:
         """Whether one more retry fits in the budget now."""

@@ -19,7 +19,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Sequence
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, Literal, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf import message_factory
@@ -94,11 +94,6 @@ class Admission:
         return len(self._queue)
 
     @property
-    def is_full(self) -> bool:
-        """Whether a call entering now would queue (or be shed): every slot is taken."""
-        return self.in_flight >= self.max_in_flight or bool(self._queue)
-
-    @property
     def is_idle(self) -> bool:
         """Whether no call is arriving, running or queued."""
         return not (self.in_flight or self.queued or self.arriving)
@@ -134,12 +129,10 @@ class Admission:
             ShuttingDown: the server is stopping (`begin_stopping`) and the call would
                 queue, or it was queued as the server began to.
         """
+        ticket = self.enter_at_once()
+        if ticket is not False:  # a slot came free since the caller found none
+            return ticket
         task = asyncio.current_task()
-        if self.in_flight < self.max_in_flight and not self._queue:
-            self.in_flight += 1
-            if task is not None:
-                self._calls.add(task)
-            return task
         if self.is_stopping:
             raise ShuttingDown()
         if len(self._queue) >= self.max_queued:
@@ -163,6 +156,18 @@ class Admission:
             if task is not None:
                 self._calls.discard(task)
             raise ShuttingDown()
+        return task
+
+    def enter_at_once(self) -> CallTicket | Literal[False]:
+        """`enter` for a call that finds a slot free, as most do: admitted without an
+        await. False, admitting nothing, when every slot is taken or calls queue for one
+        (a call entering now would queue, or be shed): `enter` then decides which."""
+        if self.in_flight >= self.max_in_flight or self._queue:
+            return False
+        task = asyncio.current_task()
+        self.in_flight += 1
+        if task is not None:
+            self._calls.add(task)
         return task
 
     def begin_stopping(self) -> None:
@@ -414,9 +419,10 @@ async def _enter(
             with admission.arriving_call():
                 principal = await gate.authenticate(context)
             rpc.set_tenant(principal.tenant)  # on the span even if the call is then shed
-        if not admission.is_full:  # most calls: a slot at once
-            return principal, await admission.enter()
-        return principal, await _queued_for_slot(admission, rpc)
+        ticket = admission.enter_at_once()  # most calls: a slot at once
+        if ticket is False:
+            ticket = await _queued_for_slot(admission, rpc)
+        return principal, ticket
     except asyncio.CancelledError:
         await _end_if_cut_off(context, method, rpc, admission)
         raise
@@ -484,16 +490,21 @@ def _guard_unary(
     async def guarded(request: Any, context: Context) -> Any:
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
-            principal, ticket = await _enter(context, name, rpc, admission, gate)
+            # No caller to authenticate and a slot free (most calls): `_enter` skipped.
+            if gate is None and (ticket := admission.enter_at_once()) is not False:
+                principal = None
+            else:
+                principal, ticket = await _enter(context, name, rpc, admission, gate)
             try:
                 if gate is None:  # nothing to admit (see `guard_servicer`): no `async with`
                     if isinstance(request, UndecodableRequest):  # checked here: a frame less
                         _refuse_undecodable(request)
-                    rpc.set_tenant(current_tenant())
+                    if rpc.is_recording:  # the tenant is for the span: not looked up for none
+                        rpc.set_tenant(current_tenant())
                     response = await method(request, context)
                 else:
                     async with _caller(request, principal, gate, check):
-                        if principal is None:
+                        if principal is None and rpc.is_recording:
                             rpc.set_tenant(current_tenant())
                         response = await method(request, context)
             except asyncio.CancelledError:
@@ -548,12 +559,16 @@ def _guard_stream(
     async def guarded(request: Any, context: Context) -> AsyncGenerator[Any, None]:
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
-            principal, ticket = await _enter(context, name, rpc, admission, gate)
+            # No caller to authenticate and a slot free (most calls): `_enter` skipped.
+            if gate is None and (ticket := admission.enter_at_once()) is not False:
+                principal = None
+            else:
+                principal, ticket = await _enter(context, name, rpc, admission, gate)
             slot = _ServerSlot(admission, ticket)
             try:
                 async with _caller(request, principal, gate, check) as tenant_slot:
                     slot.tenant_slot = tenant_slot
-                    if principal is None:
+                    if principal is None and rpc.is_recording:
                         rpc.set_tenant(current_tenant())
                     # Closed here, not by the garbage collector, however the call ends.
                     messages = method(request, context)

@@ -125,7 +125,8 @@ class AttemptSpan:
                 if error_type is not None:  # its duration's alone: no attribute of its tokens
                     duration = {**duration, attr.ERROR_TYPE: error_type}
                 telemetry.instruments.operation_duration.record(elapsed, duration)
-            span.end()
+            if telemetry.records_spans:  # else the no-op span: nothing to end
+                span.end()
 
     def _record_first_chunk(self, first_chunk_s: float) -> None:
         """Time to first chunk of a stream that answered, on the span and the metric, as
@@ -173,7 +174,8 @@ class AttemptSpan:
         response_model = response_model[: attr.MOST_ANSWER_NAME_CHARS]
         if response_model and self.telemetry.records_metrics:
             self.answer = self.route.answered[response_model]
-        if not span.is_recording():
+        # Without a tracer provider the span is the no-op one: not asked (every attempt).
+        if not (self.telemetry.records_spans and span.is_recording()):
             return
         # One call: each set_attribute takes the span's lock and validates on its own.
         attributes: dict[str, Any] = {
@@ -236,7 +238,27 @@ class RpcContext:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.telemetry._leave_rpc(self, exc_type)
+        # Leaving the RPC here, not in a `Telemetry` method: a frame less on every RPC.
+        scope = self.scope
+        # A status the call was already ended with (`RpcScope.fail`) stands.
+        if exc_type is not None and scope.error_type is None:
+            if issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
+                scope.fail(status_code=1, error_type=attr.CANCELLED)
+            else:
+                scope.fail(status_code=2, error_type=exc_type.__name__)
+        try:
+            self.telemetry._end_rpc(scope)
+        finally:
+            # A stream's generator closed after grpc's handler ended (its caller left while
+            # a write waited) is closed in another context than the RPC began in: there is
+            # nothing to reset there. (OpenTelemetry's `detach` would log an ERROR.) A `try`,
+            # not `contextlib.suppress`: three calls fewer on every RPC.
+            try:
+                CURRENT_RPC.reset(self.rpc_token)
+                if self.otel_token is not None:
+                    self.otel_token.var.reset(self.otel_token)
+            except ValueError:
+                pass
 
 
 class Telemetry:
@@ -356,7 +378,15 @@ class Telemetry:
         Started here; `with` it, and it ends with the block's outcome.
         """
         token = None
-        has_trace_context = self._has_trace_context(metadata)
+        # Whether the caller sent anything the propagators read (gRPC keys are lowercase):
+        # a loop here, not `any` over a generator or a method, a frame more on every RPC.
+        has_trace_context = False
+        trace_keys = self._trace_keys
+        for key, _ in metadata:
+            if key in trace_keys:
+                has_trace_context = True
+                break
+        is_recording = False
         if not self.records_spans and not has_trace_context:
             # Nothing to record and nothing to pass on: skip reading the metadata.
             span: Span = trace.INVALID_SPAN
@@ -379,18 +409,10 @@ class Telemetry:
                 },
             )
             token = attach_span(span, parent)
-        scope = RpcScope(span=span, method=method)
+            is_recording = span.is_recording()
+        scope = RpcScope(span=span, method=method, is_recording=is_recording)
         self.in_flight += 1
         return RpcContext(self, scope, CURRENT_RPC.set(scope), token)
-
-    def _has_trace_context(self, metadata: Sequence[tuple[str, Any]]) -> bool:
-        """Whether the caller sent anything the propagators read (gRPC keys are lowercase)."""
-        trace_keys = self._trace_keys
-        # A loop, not `any` over a generator (a frame more): every RPC asks.
-        for key, _ in metadata:  # noqa: SIM110
-            if key in trace_keys:
-                return True
-        return False
 
     def _end_rpc(self, scope: RpcScope) -> None:
         records_spans, records_metrics = self.records_spans, self.records_metrics
@@ -403,7 +425,7 @@ class Telemetry:
         elapsed = time.perf_counter() - scope.started  # `scope.elapsed_s()`: a frame less
         overhead = scope.overhead_s(elapsed)
         span = scope.span
-        if span.is_recording():
+        if scope.is_recording:
             attributes = scope.attributes
             attributes[attr.RPC_GRPC_STATUS_CODE] = scope.status_code
             attributes[attr.OVERHEAD_MS] = overhead * 1000.0
@@ -435,28 +457,6 @@ class Telemetry:
         if len(self._rpc_labels) < _MOST_RPC_LABELS:
             self._rpc_labels[method, status_code] = labels
         return labels
-
-    def _leave_rpc(self, context: RpcContext, exc_type: type[BaseException] | None) -> None:
-        scope = context.scope
-        # A status the call was already ended with (`RpcScope.fail`) stands.
-        if exc_type is not None and scope.error_type is None:
-            if issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
-                scope.fail(status_code=1, error_type=attr.CANCELLED)
-            else:
-                scope.fail(status_code=2, error_type=exc_type.__name__)
-        try:
-            self._end_rpc(scope)
-        finally:
-            # A stream's generator closed after grpc's handler ended (its caller left while
-            # a write waited) is closed in another context than the RPC began in: there is
-            # nothing to reset there. (OpenTelemetry's `detach` would log an ERROR.) A `try`,
-            # not `contextlib.suppress`: three calls fewer on every RPC.
-            try:
-                CURRENT_RPC.reset(context.rpc_token)
-                if context.otel_token is not None:
-                    context.otel_token.var.reset(context.otel_token)
-            except ValueError:
-                pass
 
     # --- one CLIENT span per upstream attempt -----------------------------------------
 

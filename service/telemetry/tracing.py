@@ -188,6 +188,9 @@ class RpcScope:
 
     span: Span
     method: str
+    # Whether `span` records, asked once: it does until the RPC's end ends it, and the
+    # tenant and the end asked it again on every RPC (the no-op span too).
+    is_recording: bool = False
     started: float = field(default_factory=time.perf_counter)
     # Its waits on upstreams, (start, end) on perf_counter: a batch's or a summary's
     # calls overlap, and a moment two of them waited is waited once.
@@ -228,13 +231,20 @@ class RpcScope:
         `elapsed_s` when given (the RPC's `elapsed_s()` just read), else of now."""
         # `elapsed_s()` and `upstream_s` written out: every RPC asks twice (its trailer,
         # its end), a frame each time.
+        # So are `max` and, for the one wait of most calls, `covered_s`.
         elapsed = time.perf_counter() - self.started if elapsed_s is None else elapsed_s
         waits = self.upstream_waits
-        return max(0.0, elapsed - covered_s(waits)) if waits else max(0.0, elapsed)
+        if waits:
+            if waits[1:]:  # a batch's or a summary's calls, overlapping
+                elapsed -= covered_s(waits)
+            else:
+                start, end = waits[0]
+                elapsed -= end - start
+        return elapsed if elapsed > 0.0 else 0.0
 
     def set_tenant(self, tenant: str) -> None:
         """Name the tenant the caller was authenticated as (the tenant id, never a key)."""
-        if self.span.is_recording():
+        if self.is_recording:
             self.attributes[TENANT] = tenant
 
     def trailers(self) -> Sequence[tuple[str, str]]:
@@ -311,5 +321,5 @@ def add_rpc_queued_ms(ms: float) -> None:
     """Add `ms` to the current RPC's queued time on its span: a batch's is the sum of its
     items' (each as its result reports it), as its tokens and cost are."""
     scope = CURRENT_RPC.get()
-    if scope is not None and scope.span.is_recording():
+    if scope is not None and scope.is_recording:
         scope.attributes[QUEUED_MS] = scope.attributes.get(QUEUED_MS, 0.0) + ms

@@ -20,6 +20,8 @@ from service.ledger import (
     RedisLedger,
     UsageEntry,
     UsageFilter,
+    UsageRow,
+    _entry_counters,
     _RecordNumbers,
     period_end_s,
     period_key,
@@ -106,6 +108,25 @@ async def test_rows_are_summed_by_tenant_model_upstream_and_labels(make_ledger):
     assert rows[0].cost_usd == 0.3  # exact: summed as integer pico-dollars
     assert total_of(rows).cost_usd == 1.05
     assert total_of(rows).requests == 4
+
+
+def test_a_memory_rows_own_sum_of_an_entry_is_the_counters_redis_adds() -> None:
+    """`UsageRow.add_entry` (the memory ledger's, written out) adds what `_entry_counters`
+    gives the Redis ledger, for every kind of entry, and returns its cost."""
+    estimated = dataclasses.replace(entry().usage, is_estimated=True)
+    entries = [
+        entry(cost=0.25, input_tokens=7, cached_input_tokens=2, reasoning_tokens=3),
+        entry(cost=0.0),  # a free model
+        dataclasses.replace(entry(cost=0.0), is_cache_hit=True, saved_cost_usd=0.125),
+        dataclasses.replace(entry(cost=0.5), is_request=False, usage=estimated),
+    ]
+    for one in entries:
+        summed, added = UsageRow("t", "m", "u", {}), UsageRow("t", "m", "u", {})
+        cost_pico = summed.add_entry(one)
+        added.add(_entry_counters(one))
+        assert summed == added
+        assert cost_pico == _entry_counters(one)["cost_pico"]
+        assert all(type(v) is int for v in summed.counters().values())
 
 
 async def test_a_tenants_rows_past_its_cap_in_a_bucket_are_summed_in_one_overflow_row(

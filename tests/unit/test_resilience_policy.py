@@ -873,6 +873,27 @@ async def test_admission_queues_then_sheds_immediately():
     assert admission.in_flight == 0
 
 
+async def test_admission_admits_at_once_only_while_a_slot_is_free_and_none_queue():
+    """`enter_at_once` takes a free slot without an await; with every slot taken, or a
+    call queued for one, it admits nothing and the call goes to `enter`'s queue."""
+    admission = Admission(max_in_flight=2, max_queued=1, retry_after_s=0.5)
+    first = admission.enter_at_once()
+    assert first is asyncio.current_task()
+    second = await admission.enter()
+    assert admission.enter_at_once() is False
+    queued = asyncio.ensure_future(admission.enter())
+    await asyncio.sleep(0)
+    assert (admission.in_flight, admission.queued) == (2, 1)
+    admission.leave(first)  # its slot passes to the queued call
+    assert admission.enter_at_once() is False
+    admission.leave(await queued)
+    assert admission.enter_at_once() is not False  # free again: no one queues
+    assert admission.in_flight == 2
+    admission.leave(second)
+    admission.leave(asyncio.current_task())
+    assert admission.in_flight == 0
+
+
 async def test_admission_cancelled_waiter_frees_its_queue_place():
     """A queued call that is cancelled leaves the queue and takes no slot."""
     admission = Admission(max_in_flight=1, max_queued=1, retry_after_s=0.5)

@@ -103,6 +103,20 @@ def test_overhead_is_wall_time_minus_upstream_time_and_never_negative():
     assert float(value) >= 0
 
 
+def test_overhead_of_an_elapsed_time_takes_out_each_moment_of_waiting_once() -> None:
+    """One wait (most calls) or several overlapping (a batch's, a summary's): the time
+    they cover together comes off; never below zero."""
+    captured = captured_telemetry()
+    with captured.telemetry.rpc(service="svc", method="Complete", metadata=()) as rpc:
+        assert rpc.overhead_s(5.0) == 5.0
+        rpc.upstream_waits[:] = [(1.0, 3.0)]
+        assert rpc.overhead_s(5.0) == 3.0
+        assert rpc.overhead_s(1.5) == 0.0
+        rpc.upstream_waits[:] = [(1.0, 3.0), (2.0, 4.0), (6.0, 7.0)]
+        assert rpc.overhead_s(5.0) == 1.0
+        assert rpc.overhead_s(2.0) == 0.0
+
+
 def test_an_exception_leaving_the_rpc_ends_its_span_with_the_exceptions_type() -> None:
     """An error nothing recorded first: status 2 (UNKNOWN) and the type as error.type."""
     captured = captured_telemetry()
