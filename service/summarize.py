@@ -97,20 +97,37 @@ from service.validation import (
 )
 
 _MS = 1000.0
-_PARAGRAPH_BREAK = re.compile(r"(\r?\n[ \t]*\r?\n\s*)")
+# A unit (a paragraph, sentence, line or word) whose separator starts fewer than this
+# many characters into it is merged with the one after it: each unit costs an estimate
+# and a step of the packing in Python, and a document of one character per line or per
+# paragraph would otherwise be a million units (seconds of CPU, holding the GIL, for
+# every call on the process). Few real sentences or lines are this short; a heading
+# joins the paragraph after it.
+_MIN_UNIT_CHARS = 16
+_SHORT_UNIT_CHARS = 4096
+# What a word cut by characters can take off the sum of its pieces' estimates at each
+# cut, joined again in a chunk (see `service.tokens._JOIN_LOSS`): "mNkY" and "Ph" cost
+# less as "mNkYPh", whose case flips look across the cut; a whitespace run, a rule or a
+# run of emoji cut in two costs a token or two more than whole.
+_CUT_TOKENS = 4
+# Each separator is matched from its first character, which the regex engine finds
+# fast, rather than after a lookbehind tried at every position: a unit ends where the
+# match does.
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\r?\n\s*")
 # After a sentence end: whitespace after . ! ? … or another script's full stop or
 # question mark (Devanagari danda, Arabic question mark, Urdu, Armenian, Ethiopic and
 # Myanmar full stops), and closing quotes; or straight after the full-width marks CJK
 # text uses without spaces.
-_SENTENCE_END = "[.!?\u2026\u0964\u0965\u061f\u06d4\u0589\u1362\u1367\u104b]"
+_FULL_WIDTH_ENDS = "\u3002\uff01\uff1f"
+_SENTENCE_ENDS = ".!?\u2026\u0964\u0965\u061f\u06d4\u0589\u1362\u1367\u104b"
 _SENTENCE_BREAK = re.compile(
-    rf"(?<={_SENTENCE_END}[\"')\]\u2019\u201d])\s+|(?<={_SENTENCE_END})\s+"
-    r"|(?<=[\u3002\uff01\uff1f])"
+    rf"[{_SENTENCE_ENDS}{_FULL_WIDTH_ENDS}]"
+    rf"(?:(?<=[{_FULL_WIDTH_ENDS}])|[\"')\]\u2019\u201d]?\s+)"
 )
 # After a line break and the indentation that follows it (a unit keeps the whitespace
 # after it, so estimates still add up).
 _LINE_BREAK = re.compile(r"\n\s*")
-_WORD_BREAK = re.compile(r"(?<=\s)(?=\S)")
+_WORD_BREAK = re.compile(r"\s(?=\S)")
 # Whitespace that validation refuses in a message's text: a form feed (the page break
 # PDF text extraction writes) is sent as a paragraph break, where a part may end, and a
 # vertical tab (a word processor's line break) as a line break.
@@ -163,14 +180,28 @@ def as_sent(document: str) -> str:
     return document.translate(_PAGE_BREAKS)
 
 
+def _tokens_within(text: str, max_tokens: int) -> int:
+    """The estimate of `text` when it is at most `max_tokens`, else more: a long text is
+    read only as far as it takes to tell (`estimate_text_tokens_up_to`)."""
+    if len(text) <= _SHORT_UNIT_CHARS:  # nearly every unit: one call less each
+        return estimate_text_tokens(text)
+    return estimate_text_tokens_up_to(text, max_tokens + 1)
+
+
 def _split_long(text: str, max_tokens: int) -> list[tuple[str, int]]:
     """Split a sentence longer than `max_tokens` at line breaks (CSV, code, lists have
     no sentence ends), then a line longer than that between words, or characters.
     """
     pieces: list[tuple[str, int]] = []
-    for line in _split_keeping(text, _LINE_BREAK):
-        tokens = estimate_text_tokens(line)
-        pieces += [(line, tokens)] if tokens <= max_tokens else _hard_split(line, max_tokens)
+    for lines in _split_after(text, _LINE_BREAK):
+        tokens = _tokens_within(lines, max_tokens)
+        if tokens <= max_tokens:
+            pieces.append((lines, tokens))
+            continue
+        # Short lines merged with one too long: cut it out on its own.
+        for line in _split_after(lines, _LINE_BREAK, 1):
+            tokens = _tokens_within(line, max_tokens)
+            pieces += [(line, tokens)] if tokens <= max_tokens else _hard_split(line, max_tokens)
     return pieces
 
 
@@ -178,26 +209,40 @@ def _hard_split(text: str, max_tokens: int) -> list[tuple[str, int]]:
     """Split a line longer than `max_tokens` between words, or characters.
 
     Returns (piece, tokens) pairs whose tokens add up to at least the estimate of any
-    run of consecutive pieces joined again.
+    run of consecutive pieces joined again: pieces cut between words add up to it, and
+    a piece cut inside a word counts `_CUT_TOKENS` more than its own estimate.
     """
     pieces: list[tuple[str, int]] = []
-    for word in _WORD_BREAK.split(text):
-        tokens = estimate_text_tokens(word)
+    for words in _split_after(text, _WORD_BREAK):
+        tokens = _tokens_within(words, max_tokens)
         if tokens <= max_tokens:
-            pieces.append((word, tokens))
+            pieces.append((words, tokens))
             continue
-        # No spaces (CJK, emoji, a long identifier): cut by characters, max_tokens // 3
-        # at a time. Emoji and other characters costed by their UTF-8 bytes take up to
-        # 4 tokens each (a run 1 more): such a piece is cut shorter, until it fits.
-        start = 0
-        while start < len(word):
-            piece = word[start : start + max(1, max_tokens // 3)]
+        for word in _split_after(words, _WORD_BREAK, 1):
+            tokens = _tokens_within(word, max_tokens)
+            pieces += [(word, tokens)] if tokens <= max_tokens else _cut_word(word, max_tokens)
+    return pieces
+
+
+def _cut_word(word: str, max_tokens: int) -> list[tuple[str, int]]:
+    """Cut a word (no spaces: CJK, emoji, a long identifier) longer than `max_tokens`
+    by characters, about max_tokens // 3 at a time. Emoji and other characters costed by their
+    UTF-8 bytes take up to 4 tokens each (a run 1 more): such a piece is cut shorter,
+    until it fits with `_CUT_TOKENS`, which each piece counts more than its estimate
+    (up to `max_tokens`: a piece that fills a chunk has it to itself)."""
+    pieces: list[tuple[str, int]] = []
+    start = 0
+    room = max(1, max_tokens - _CUT_TOKENS)
+    # Two pieces of 1.5 tokens a character (CJK), each with `_CUT_TOKENS`, fill a chunk.
+    length = max(1, (max_tokens - 2 * _CUT_TOKENS) // 3)
+    while start < len(word):
+        piece = word[start : start + length]
+        tokens = _piece_tokens(piece, word)
+        while tokens > room and len(piece) > 1:
+            piece = piece[: max(1, len(piece) * room // tokens)]
             tokens = _piece_tokens(piece, word)
-            while tokens > max_tokens and len(piece) > 1:
-                piece = piece[: max(1, len(piece) * max_tokens // tokens)]
-                tokens = _piece_tokens(piece, word)
-            pieces.append((piece, tokens))
-            start += len(piece)
+        pieces.append((piece, max(tokens, min(tokens + _CUT_TOKENS, max_tokens))))
+        start += len(piece)
     return pieces
 
 
@@ -215,21 +260,19 @@ def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list
     """The document as (text, tokens) units, each fitting `max_tokens`.
 
     Units are sentences (or, for a sentence too long to be one, its lines, or the words
-    or characters of a line too long). Each unit keeps the whitespace that follows it,
-    so joining units restores the text. The second list says which units end a paragraph.
+    or characters of a line too long), each of `_MIN_UNIT_CHARS` or more with the ones
+    after it. Each unit keeps the whitespace that follows it, so joining units restores
+    the text. The second list says which units end a paragraph.
     """
     units: list[tuple[str, int]] = []
     ends_paragraph: list[bool] = []
-    parts = _PARAGRAPH_BREAK.split(text)
-    # re.split with a group alternates paragraph, separator, paragraph, ...
-    for index in range(0, len(parts), 2):
-        paragraph = parts[index] + (parts[index + 1] if index + 1 < len(parts) else "")
-        if not paragraph.strip():
+    for paragraph in _split_after(text, _PARAGRAPH_BREAK):
+        if paragraph.isspace():
             if units:  # leading/blank runs join the previous unit, so no text is lost
                 units[-1] = (units[-1][0] + paragraph, units[-1][1])
             continue
-        for sentence in _split_keeping(paragraph, _SENTENCE_BREAK):
-            tokens = estimate_text_tokens(sentence)
+        for sentence in _split_after(paragraph, _SENTENCE_BREAK):
+            tokens = _tokens_within(sentence, max_tokens)
             if tokens <= max_tokens:
                 units.append((sentence, tokens))
                 ends_paragraph.append(False)
@@ -241,14 +284,30 @@ def split_units(text: str, max_tokens: int) -> tuple[list[tuple[str, int]], list
     return units, ends_paragraph
 
 
-def _split_keeping(text: str, pattern: re.Pattern[str]) -> list[str]:
-    """Split after each match of `pattern`, keeping the matched text on the left piece."""
+def fit_units(
+    units: Sequence[tuple[str, int]], ends_paragraph: Sequence[bool], max_tokens: int
+) -> tuple[list[tuple[str, int]], list[bool]]:
+    """`split_units` of the same text for a smaller `max_tokens`, from its units for a
+    larger one: only the units over it are split again (as `split_units` splits them)."""
+    fitted: list[tuple[str, int]] = []
+    ends: list[bool] = []
+    for unit, ends_one in zip(units, ends_paragraph, strict=True):
+        pieces = [unit] if unit[1] <= max_tokens else _split_long(unit[0], max_tokens)
+        fitted += pieces
+        ends += [False] * (len(pieces) - 1) + [ends_one]
+    return fitted, ends
+
+
+def _split_after(
+    text: str, separator: re.Pattern[str], min_chars: int = _MIN_UNIT_CHARS
+) -> list[str]:
+    """`text` cut after each match of `separator` that starts `min_chars` or more
+    characters into its piece, the match kept on the left piece."""
     pieces: list[str] = []
     start = 0
-    for match in pattern.finditer(text):
-        if match.end() > start and match.start() > start:
-            pieces.append(text[start : match.end()])
-            start = match.end()
+    while (match := separator.search(text, start + min_chars)) is not None:
+        pieces.append(text[start : match.end()])
+        start = match.end()
     if start < len(text):
         pieces.append(text[start:])
     return pieces
@@ -302,6 +361,17 @@ def pack_units(
 def split_into_chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> list[str]:
     """`text` as overlapping chunks of at most `max_tokens`, split at natural boundaries."""
     units, ends_paragraph = split_units(text, max_tokens)
+    return join_units(units, ends_paragraph, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
+
+
+def join_units(
+    units: Sequence[tuple[str, int]],
+    ends_paragraph: Sequence[bool],
+    *,
+    max_tokens: int,
+    overlap_tokens: int,
+) -> list[str]:
+    """`split_units`' units (for `max_tokens`, or less) packed and joined into chunks."""
     ranges = pack_units(
         [t for _, t in units],
         max_tokens=max_tokens,
@@ -876,8 +946,10 @@ class Summarizer:
             least=max(_MIN_CHUNK_TOKENS, one_summary),
         )
         # Room for the widest "Part N of M" of as many digits as the parts turn out to
-        # number: past 999 they are chunked again, with room for the longer header.
+        # number: past 999 they are packed again, with room for the longer header (the
+        # units are split once: only those too long for the smaller room again).
         widest = 999
+        units: tuple[list[tuple[str, int]], list[bool]] | None = None
         while True:
             chunk_room = self._require_room(
                 request,
@@ -886,9 +958,13 @@ class Summarizer:
                 answer_tokens=part_target,
             )
             # Chunking a large document is CPU work: keep the event loop answering meanwhile.
+            if units is None:
+                units = await asyncio.to_thread(split_units, request.document, chunk_room)
+            else:
+                units = await asyncio.to_thread(fit_units, *units, chunk_room)
             chunks = await asyncio.to_thread(
-                split_into_chunks,
-                request.document,
+                join_units,
+                *units,
                 max_tokens=chunk_room,
                 overlap_tokens=self._config.chunk_overlap_tokens,
             )
@@ -1347,6 +1423,8 @@ __all__ = [
     "as_sent",
     "combine_prompt",
     "document_prompt",
+    "fit_units",
+    "join_units",
     "pack_units",
     "part_prompt",
     "split_into_chunks",

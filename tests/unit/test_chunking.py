@@ -3,11 +3,13 @@
 # ruff: noqa: RUF001
 
 import itertools
+import random
 
 import pytest
 
-from service.summarize import pack_units, split_into_chunks, split_units
+from service.summarize import fit_units, pack_units, split_into_chunks, split_units
 from service.tokens import estimate_text_tokens
+from service.validation import has_visible_text
 
 
 def document(paragraphs: int, sentences: int = 5) -> str:
@@ -173,3 +175,113 @@ def test_a_word_of_costly_characters_is_cut_into_pieces_that_fit(character):
     chunks = split_into_chunks(text, max_tokens=500, overlap_tokens=64)
     assert all(estimate_text_tokens(chunk) <= 500 for chunk in chunks)
     assert "".join(chunks) == text
+
+
+# Pieces random documents are made of: words, marks and whitespace of several scripts,
+# sentence ends, line and paragraph breaks, rules, emoji with joiners, combining marks.
+_PIECES = [
+    "word ",
+    "Gateway ",
+    "mNkYPh",
+    "x",
+    "a ",
+    "42",
+    ", ",
+    ". ",
+    "! ",
+    '." ',
+    "? ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\n  ",
+    "  ",
+    "\t",
+    "=====",
+    "----\n",
+    "网关",
+    "连接池。",
+    "。",
+    "\u3000",
+    "слово ",
+    "كلمة ",
+    "\u0928\u092e\u0938\u094d\u0924\u0947। ",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+    "\U0001f600",
+    "e\u0301",
+    "\u00e9t\u00e9 ",
+]
+
+
+def random_document(rng: random.Random) -> str:
+    """A document of up to about 3,000 characters, runs of one piece among them."""
+    pieces = []
+    for _ in range(rng.randint(1, 400)):
+        piece = rng.choice(_PIECES)
+        pieces.append(piece * (rng.randint(1, 40) if rng.random() < 0.1 else 1))
+    return "".join(pieces)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_documents_are_chunked_whole_in_order_and_within_the_limit(seed):
+    """On random mixed-script documents: every chunk's estimate is within the limit; the
+    units rejoin to the text; chunks follow each other over all the units, each after the
+    one before, overlapping it by at most the overlap; and the chunks are those units."""
+    rng = random.Random(seed)
+    text = random_document(rng)
+    max_tokens = rng.choice([8, 12, 16, 24, 32, 64, 100, 300])
+    overlap = rng.choice([0, 4, 20, 64])
+    chunks = split_into_chunks(text, max_tokens=max_tokens, overlap_tokens=overlap)
+    assert all(estimate_text_tokens(chunk) <= max_tokens for chunk in chunks)
+
+    units, ends_paragraph = split_units(text, max_tokens)
+    joined = "".join(u for u, _ in units)
+    assert joined == text[len(text) - len(joined) :]  # at most leading blanks dropped
+    assert not text[: len(text) - len(joined)].strip()
+    assert all(estimate_text_tokens(u) <= t <= max_tokens for u, t in units)
+    if not units:  # blanks alone
+        assert chunks == []
+        return
+    tokens = [t for _, t in units]
+    ranges = pack_units(
+        tokens, max_tokens=max_tokens, overlap_tokens=overlap, ends_paragraph=ends_paragraph
+    )
+    assert (ranges[0].start, ranges[-1].stop) == (0, len(units))
+    for before, after in itertools.pairwise(ranges):
+        assert before.start < after.start <= before.stop
+        assert sum(tokens[after.start : before.stop]) <= min(overlap, max_tokens // 4)
+    made = ["".join(u for u, _ in units[r.start : r.stop]).strip() for r in ranges]
+    assert chunks == [chunk for chunk in made if has_visible_text(chunk)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["x\n" * 5000, "x\n\n" * 5000, "a " * 5000, "Hi. " * 5000, "x\n\n" * 2000 + "a " * 2000],
+    ids=["char-per-line", "char-per-paragraph", "one-letter-words", "short-sentences", "mixed"],
+)
+def test_tiny_units_are_merged_into_units_of_16_characters_or_more(text):
+    """Lines, paragraphs, words and sentences of a character or two are merged into units
+    of 16 characters or more (but a few beside one too long for a chunk), of whole lines
+    and words, so a document of a million is not a million estimates and steps of packing
+    in Python.
+
+    Before, each was a unit of its own: one character per line took seconds on 2 MiB."""
+    units, _ = split_units(text, 500)
+    assert "".join(u for u, _ in units) == text
+    assert len(units) <= len(text) // 16 + 4
+    assert all(u[-1].isspace() for u, _ in units[:-1])  # cut after whitespace only
+    chunks = split_into_chunks(text, max_tokens=500, overlap_tokens=64)
+    assert all(estimate_text_tokens(chunk) <= 500 for chunk in chunks)
+
+
+def test_units_fitted_to_a_smaller_room_are_those_split_for_it():
+    """`fit_units` splits again only the units over the smaller room, as `split_units`
+    would have split them: Summarize packs a document of over 999 parts again for their
+    longer header without chunking all of it a second time."""
+    long_sentence = " ".join(f"w{i}" for i in range(60))
+    sentence_of_80 = " ".join(["lengthy"] * 40) + "."  # a unit for 100, split for 40
+    text = "\n\n".join([document(20), long_sentence, sentence_of_80, "line of code\n" * 30])
+    units, ends = split_units(text, 100)
+    fitted = fit_units(units, ends, 40)
+    assert fitted != (units, ends)
+    assert fitted == split_units(text, 40)
