@@ -1280,8 +1280,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: must be a mapping")
         if args[1] is object:  # free-form data sent on as JSON (`extra_body`): keys kept
-            if _json_depth(value) > MAX_JSON_DEPTH:
-                raise ValueError(f"{key}: must nest at most {MAX_JSON_DEPTH} lists and mappings")
+            if (problem := _json_shape_problem(value)) is not None:
+                raise ValueError(f"{key}: {problem}")
             return _json_value(value, key)
         converted: dict[str, Any] = {}
         for name, item in value.items():
@@ -1337,13 +1337,47 @@ def _finite(value: int | float) -> float | None:
 MAX_JSON_DEPTH = 200
 
 
-def _json_depth(value: object) -> int:
-    """How many levels of lists and mappings `value` nests (a scalar: 0)."""
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        return 1 + max(map(_json_depth, value), default=0)
-    return 0
+# Values (mappings, lists and scalars) free-form JSON data may hold in all, a YAML alias's
+# counted again at each use, as every request body carries them so: ten lines of aliases
+# of aliases (a "billion laughs") read as 10^10 values, and the load hung, eating memory.
+MAX_JSON_VALUES = 100_000
+
+
+class _JsonShapeError(Exception):
+    """Free-form JSON data that no request body could carry."""
+
+
+def _json_shape_problem(value: object) -> str | None:
+    """Why `value` cannot go in a request body as it is: nested past `MAX_JSON_DEPTH`,
+    holding itself (a YAML alias inside its own anchor: the walk recursed without end) or
+    past `MAX_JSON_VALUES` values; None when it can. Stops at the first such value."""
+    counted = 0
+    on_path: set[int] = set()
+
+    def walk(item: object, depth: int) -> None:
+        nonlocal counted
+        counted += 1
+        if counted > MAX_JSON_VALUES:
+            raise _JsonShapeError(
+                f"must hold at most {MAX_JSON_VALUES} values in all (a YAML alias counts "
+                "its anchor's again at each use)"
+            )
+        if not isinstance(item, dict | list):
+            return
+        if depth > MAX_JSON_DEPTH:
+            raise _JsonShapeError(f"must nest at most {MAX_JSON_DEPTH} lists and mappings")
+        if id(item) in on_path:
+            raise _JsonShapeError("must not hold itself (a YAML alias inside its own anchor)")
+        on_path.add(id(item))
+        for child in item.values() if isinstance(item, dict) else item:
+            walk(child, depth + 1)
+        on_path.discard(id(item))
+
+    try:
+        walk(value, 1)
+    except _JsonShapeError as exc:
+        return str(exc)
+    return None
 
 
 def _json_value(value: Any, key: str) -> object:
