@@ -1294,6 +1294,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return converted
     if tp in (float, int) and (misreading := _yaml11_misreading(value)) is not None:
         raise ValueError(f"{key}: {misreading}")
+    if tp in (float, int) and (misreading := _exponent_misreading(value, tp)) is not None:
+        raise ValueError(f"{key}: {misreading}")
     if tp is float:
         # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
         # of `.inf` would hold a shutdown for ever).
@@ -1979,6 +1981,32 @@ def _yaml11_misreading(value: object) -> str | None:
             f"or {sign}0o{digits} if you mean octal"
         )
     return None
+
+
+# A number with an exponent, as YAML 1.2, JSON and Python write it (`1e3`, `1.5e3`,
+# `2e-1`): text to YAML 1.1, which reads an exponent only after a dot and with its sign.
+_TEXT_EXPONENT = re.compile(r"[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)[eE][-+]?[0-9]+")
+
+
+def _exponent_misreading(value: object, tp: type[float] | type[int]) -> str | None:
+    """What to write for a number YAML 1.1 read as text for its exponent (`1e3`: a "must
+    be a number" alone left its writer no wiser); None for any other value, and for a
+    fraction where an integer goes (that error says it already)."""
+    if not isinstance(value, str) or _TEXT_EXPONENT.fullmatch(value) is None:
+        return None
+    number = float(value.replace("_", ""))
+    if not math.isfinite(number):
+        return None  # past a float's range: "must be a number" says it
+    if tp is int:
+        if not number.is_integer():
+            return None
+        write = str(int(number))
+    else:
+        mantissa, exponent = re.split("[eE]", value)
+        mantissa += "" if "." in mantissa else ".0"
+        write = f"{mantissa}e{'' if exponent[0] in '+-' else '+'}{exponent}"
+    problem = f"{value} is no number in YAML 1.1, which reads an exponent only after a dot "
+    return problem + f"and with its sign: write {write}"
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:

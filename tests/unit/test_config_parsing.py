@@ -1954,6 +1954,26 @@ def test_parse_config_leaves_the_data_it_is_given_as_it_was():
             "08 is no number in YAML 1.1, where a leading 0 means octal: write 8, "
             "or quote it for text",
         ),
+        # An exponent as JSON and YAML 1.2 write it is text to YAML 1.1: the error said
+        # "must be a number" alone, of a number.
+        (
+            "server: {grace_period_s: 1e3}",
+            "server.grace_period_s",
+            "1e3 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write 1.0e+3",
+        ),
+        (
+            "upstreams: [{name: up, base_url: 'http://h/v1', models: [m], timeout_s: 5e-1}]",
+            "upstreams[0].timeout_s",
+            "5e-1 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write 5.0e-1",
+        ),
+        (
+            "resilience: {attempts: 1e1}",
+            "resilience.attempts",
+            "1e1 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write 10",
+        ),
     ],
 )
 def test_a_number_yaml_11_reads_as_octal_or_base_60_is_refused_saying_how(
