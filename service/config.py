@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import enum
 import functools
 import importlib
@@ -1449,7 +1450,11 @@ def _build(cls: type[T], data: Any, key: str) -> T:
     names = {f.name for f in fields if f.init}
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
-        raise ValueError(f"{key + '.' if key else ''}{_shown_name(unknown[0])}: unknown key")
+        # Never a key the file may not set: one filled from the environment, or set by
+        # `parse_config` (`source`, `overrides`, `flags`).
+        settable = {f.name for f in fields if f.init and not f.metadata} - set(_NOT_IN_THE_FILE)
+        problem = f"unknown key{_did_you_mean(unknown[0], settable)}"
+        raise ValueError(f"{key + '.' if key else ''}{_shown_name(unknown[0])}: {problem}")
     missing = [name for name in _required_fields(cls) if name not in data]
     if missing:
         raise ValueError(f"{key or '(top level)'}: missing required key(s): {', '.join(missing)}")
@@ -1464,6 +1469,18 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise ValueError(f"{key or '(top level)'}: {exc}") from None
     except ValueError as exc:
         raise _SectionCheckError(f"{key or '(top level)'}: {exc}") from None
+
+
+# Fields of `GatewayConfig` that `parse_config` and `serve`'s flags set, never the file.
+_NOT_IN_THE_FILE = ("source", "overrides", "flags")
+
+
+def _did_you_mean(unknown: object, names: set[str]) -> str:
+    """` (did you mean 'listen'?)` for an unknown key a letter or two from one of `names`
+    (`listne`, `Listen`, `redis-url`), else nothing: only a name of the config's own is shown."""
+    written = str(unknown).lower().replace("-", "_")
+    close = difflib.get_close_matches(written, sorted(names), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str | None:
@@ -1620,7 +1637,7 @@ def parse_config(
     overrides = _apply_env_overrides(data, env)
     # Fields of GatewayConfig set here or by `serve`'s flags, never by the file: a `flags:`
     # there was taken, and blamed the command line for the file's own values.
-    for name in ("source", "overrides", "flags"):
+    for name in _NOT_IN_THE_FILE:
         if name in data:
             raise ConfigError(source, name, "unknown key")
     data["source"] = source
