@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import enum
 import functools
 import importlib
@@ -1282,8 +1283,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: must be a mapping")
         if args[1] is object:  # free-form data sent on as JSON (`extra_body`): keys kept
-            if _json_depth(value) > MAX_JSON_DEPTH:
-                raise ValueError(f"{key}: must nest at most {MAX_JSON_DEPTH} lists and mappings")
+            if (problem := _json_shape_problem(value)) is not None:
+                raise ValueError(f"{key}: {problem}")
             return _json_value(value, key)
         converted: dict[str, Any] = {}
         for name, item in value.items():
@@ -1295,6 +1296,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             converted[str(name)] = _convert(args[1], item, f"{key}.{name}")
         return converted
     if tp in (float, int) and (misreading := _yaml11_misreading(value)) is not None:
+        raise ValueError(f"{key}: {misreading}")
+    if tp in (float, int) and (misreading := _exponent_misreading(value, tp)) is not None:
         raise ValueError(f"{key}: {misreading}")
     if tp is float:
         # Infinity too: no wait, timeout, price or bound here means "forever" (a grace period
@@ -1339,13 +1342,47 @@ def _finite(value: int | float) -> float | None:
 MAX_JSON_DEPTH = 200
 
 
-def _json_depth(value: object) -> int:
-    """How many levels of lists and mappings `value` nests (a scalar: 0)."""
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        return 1 + max(map(_json_depth, value), default=0)
-    return 0
+# Values (mappings, lists and scalars) free-form JSON data may hold in all, a YAML alias's
+# counted again at each use, as every request body carries them so: ten lines of aliases
+# of aliases (a "billion laughs") read as 10^10 values, and the load hung, eating memory.
+MAX_JSON_VALUES = 100_000
+
+
+class _JsonShapeError(Exception):
+    """Free-form JSON data that no request body could carry."""
+
+
+def _json_shape_problem(value: object) -> str | None:
+    """Why `value` cannot go in a request body as it is: nested past `MAX_JSON_DEPTH`,
+    holding itself (a YAML alias inside its own anchor: the walk recursed without end) or
+    past `MAX_JSON_VALUES` values; None when it can. Stops at the first such value."""
+    counted = 0
+    on_path: set[int] = set()
+
+    def walk(item: object, depth: int) -> None:
+        nonlocal counted
+        counted += 1
+        if counted > MAX_JSON_VALUES:
+            raise _JsonShapeError(
+                f"must hold at most {MAX_JSON_VALUES} values in all (a YAML alias counts "
+                "its anchor's again at each use)"
+            )
+        if not isinstance(item, dict | list):
+            return
+        if depth > MAX_JSON_DEPTH:
+            raise _JsonShapeError(f"must nest at most {MAX_JSON_DEPTH} lists and mappings")
+        if id(item) in on_path:
+            raise _JsonShapeError("must not hold itself (a YAML alias inside its own anchor)")
+        on_path.add(id(item))
+        for child in item.values() if isinstance(item, dict) else item:
+            walk(child, depth + 1)
+        on_path.discard(id(item))
+
+    try:
+        walk(value, 1)
+    except _JsonShapeError as exc:
+        return str(exc)
+    return None
 
 
 def _json_value(value: Any, key: str) -> object:
@@ -1415,7 +1452,11 @@ def _build(cls: type[T], data: Any, key: str) -> T:
     names = {f.name for f in fields if f.init}
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
-        raise ValueError(f"{key + '.' if key else ''}{_shown_name(unknown[0])}: unknown key")
+        # Never a key the file may not set: one filled from the environment, or set by
+        # `parse_config` (`source`, `overrides`, `flags`).
+        settable = {f.name for f in fields if f.init and not f.metadata} - set(_NOT_IN_THE_FILE)
+        problem = f"unknown key{_did_you_mean(unknown[0], settable)}"
+        raise ValueError(f"{key + '.' if key else ''}{_shown_name(unknown[0])}: {problem}")
     missing = [name for name in _required_fields(cls) if name not in data]
     if missing:
         raise ValueError(f"{key or '(top level)'}: missing required key(s): {', '.join(missing)}")
@@ -1430,6 +1471,18 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         raise ValueError(f"{key or '(top level)'}: {exc}") from None
     except ValueError as exc:
         raise _SectionCheckError(f"{key or '(top level)'}: {exc}") from None
+
+
+# Fields of `GatewayConfig` that `parse_config` and `serve`'s flags set, never the file.
+_NOT_IN_THE_FILE = ("source", "overrides", "flags")
+
+
+def _did_you_mean(unknown: object, names: set[str]) -> str:
+    """` (did you mean 'listen'?)` for an unknown key a letter or two from one of `names`
+    (`listne`, `Listen`, `redis-url`), else nothing: only a name of the config's own is shown."""
+    written = str(unknown).lower().replace("-", "_")
+    close = difflib.get_close_matches(written, sorted(names), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _key_in(node: dict[Any, Any], part: str, variable: str, path: list[str]) -> str | None:
@@ -1586,7 +1639,7 @@ def parse_config(
     overrides = _apply_env_overrides(data, env)
     # Fields of GatewayConfig set here or by `serve`'s flags, never by the file: a `flags:`
     # there was taken, and blamed the command line for the file's own values.
-    for name in ("source", "overrides", "flags"):
+    for name in _NOT_IN_THE_FILE:
         if name in data:
             raise ConfigError(source, name, "unknown key")
     data["source"] = source
@@ -1947,6 +2000,32 @@ def _yaml11_misreading(value: object) -> str | None:
             f"or {sign}0o{digits} if you mean octal"
         )
     return None
+
+
+# A number with an exponent, as YAML 1.2, JSON and Python write it (`1e3`, `1.5e3`,
+# `2e-1`): text to YAML 1.1, which reads an exponent only after a dot and with its sign.
+_TEXT_EXPONENT = re.compile(r"[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)[eE][-+]?[0-9]+")
+
+
+def _exponent_misreading(value: object, tp: type[float] | type[int]) -> str | None:
+    """What to write for a number YAML 1.1 read as text for its exponent (`1e3`: a "must
+    be a number" alone left its writer no wiser); None for any other value, and for a
+    fraction where an integer goes (that error says it already)."""
+    if not isinstance(value, str) or _TEXT_EXPONENT.fullmatch(value) is None:
+        return None
+    number = float(value.replace("_", ""))
+    if not math.isfinite(number):
+        return None  # past a float's range: "must be a number" says it
+    if tp is int:
+        if not number.is_integer():
+            return None
+        write = str(int(number))
+    else:
+        mantissa, exponent = re.split("[eE]", value)
+        mantissa += "" if "." in mantissa else ".0"
+        write = f"{mantissa}e{'' if exponent[0] in '+-' else '+'}{exponent}"
+    problem = f"{value} is no number in YAML 1.1, which reads an exponent only after a dot "
+    return problem + f"and with its sign: write {write}"
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:

@@ -404,6 +404,21 @@ async def test_cli_refuses_a_caller_key_grpc_cannot_send(upstream, gateway, sour
             f"models: [m], extra_body: {{x: {'[' * 300}{']' * 300}}}}}]",
             "upstreams[0].extra_body: must nest at most 200 lists and mappings",
         ),
+        # An alias inside its own anchor: the load died with a RecursionError traceback.
+        (
+            "local_model: {enabled: never}\nupstreams: [{name: u, base_url: 'http://h/v1', "
+            "models: [m], extra_body: {x: &loop [1, *loop]}}]",
+            "upstreams[0].extra_body: must not hold itself (a YAML alias inside its own anchor)",
+        ),
+        # Aliases of aliases, ten lines read as 10^10 values: the load hung, eating memory,
+        # with SIGTERM held (`early_signals`).
+        (
+            "local_model: {enabled: never}\nupstreams: [{name: u, base_url: 'http://h/v1', "
+            "models: [m], extra_body: {l0: &l0 [x, x, x, x, x, x, x, x, x, x], "
+            + ", ".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10))
+            + "}}]",
+            "upstreams[0].extra_body: must hold at most 100000 values in all",
+        ),
     ],
 )
 async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, content, expected):
@@ -411,7 +426,12 @@ async def test_config_error_names_file_and_key_and_exits_nonzero(tmp_path, conte
     path = tmp_path / "bad.yaml"
     path.write_text(content)
     process = await _spawn("serve", "--config", str(path))
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        if process.returncode is None:  # a load that hangs holds SIGTERM: killed
+            process.kill()
+            await process.wait()
     assert process.returncode == 2
     assert str(path) in stderr.decode()
     assert expected in stderr.decode()

@@ -604,6 +604,46 @@ def test_env_override_on_real_file() -> None:
 @pytest.mark.parametrize(
     ("data", "environ", "key", "problem"),
     [
+        ({"server": {"listne": 1}}, {}, "server.listne", "unknown key (did you mean 'listen'?)"),
+        ({"servr": {}}, {}, "servr", "unknown key (did you mean 'server'?)"),
+        (
+            {"ledger": {"redis-url": "redis://h:6379/0"}},
+            {},
+            "ledger.redis-url",
+            "unknown key (did you mean 'redis_url'?)",
+        ),
+        (
+            {"upstreams": [upstream(timeout=30)]},
+            {},
+            "upstreams[0].timeout",
+            "unknown key (did you mean 'timeout_s'?)",
+        ),
+        (
+            {},
+            {"LLM_GATEWAY__SERVER__GRACE_PERIOD": "3"},
+            "server.grace_period",
+            "unknown key (did you mean 'grace_period_s'?) "
+            "(set from the environment: LLM_GATEWAY__SERVER__GRACE_PERIOD)",
+        ),
+        # Nothing near enough, or only a key the file may not set: no guess.
+        ({"server": {"bogus": 1}}, {}, "server.bogus", "unknown key"),
+        ({"sourc": "x.yaml"}, {}, "sourc", "unknown key"),
+        ({"upstreams": [upstream(api_keys="k")]}, {}, "upstreams[0].api_keys", "unknown key"),
+    ],
+)
+def test_an_unknown_key_a_letter_or_two_off_names_the_key_meant(
+    data: dict[str, Any], environ: dict[str, str], key: str, problem: str
+) -> None:
+    """A mistyped key is refused naming the key it is closest to, from its own section.
+    Before, `server.listne: unknown key` left the reader to find `listen` in the README."""
+    with pytest.raises(ConfigError) as refused:
+        parse(data, **environ)
+    assert (refused.value.key, refused.value.problem) == (key, problem)
+
+
+@pytest.mark.parametrize(
+    ("data", "environ", "key", "problem"),
+    [
         pytest.param({"bogus": 1}, {}, "bogus", "unknown key", id="unknown-top-level"),
         pytest.param(
             {"server": {"bogus": 1}}, {}, "server.bogus", "unknown key", id="unknown-nested"
@@ -1953,6 +1993,26 @@ def test_parse_config_leaves_the_data_it_is_given_as_it_was():
             "upstreams[0].extra_body.top_k",
             "08 is no number in YAML 1.1, where a leading 0 means octal: write 8, "
             "or quote it for text",
+        ),
+        # An exponent as JSON and YAML 1.2 write it is text to YAML 1.1: the error said
+        # "must be a number" alone, of a number.
+        (
+            "server: {grace_period_s: 1e3}",
+            "server.grace_period_s",
+            "1e3 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write 1.0e+3",
+        ),
+        (
+            "upstreams: [{name: up, base_url: 'http://h/v1', models: [m], timeout_s: 5e-1}]",
+            "upstreams[0].timeout_s",
+            "5e-1 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write 5.0e-1",
+        ),
+        (
+            "resilience: {attempts: 1e1}",
+            "resilience.attempts",
+            "1e1 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write 10",
         ),
     ],
 )
