@@ -17,11 +17,13 @@ names none, and the call's key names the tenant, as beside a certificate without
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,6 +206,9 @@ _WATCH_MIN_S = 0.5
 # some network and container mounts). A file rewritten at the same size within the tick
 # it was read in keeps its signature: it is read again until read after that tick.
 _MTIME_TICK_NS = 2_000_000_000
+# The longest a lookup waits for a check of the keys file still reading it (a hung
+# network mount, a FIFO put in its place): past it, lookups answer from the keys held.
+_CHECK_WAIT_S = 5.0
 
 
 class FileKeyStore:
@@ -214,9 +219,12 @@ class FileKeyStore:
     startup it is an error.
 
     While serving, the file is checked in a worker thread, one check at a time, and the
-    lookups meanwhile wait for it: read and parsed on the event loop, a file of 10,000
-    keys stopped every call and stream of the process for a tenth of a second or more at
-    each change, and a hung network mount stopped them for good.
+    lookups meanwhile wait for it, at most `_CHECK_WAIT_S` from its start: read and
+    parsed on the event loop, a file of 10,000 keys stopped every call and stream of the
+    process for a tenth of a second or more at each change, and a hung network mount
+    stopped them for good. A check still reading past that is logged, and lookups answer
+    from the keys held until it ends. Its thread is a daemon: one stuck in a read does
+    not keep the process from exiting when the server stops.
     """
 
     def __init__(
@@ -242,6 +250,7 @@ class FileKeyStore:
         self._keys: tuple[CallerKey, ...] = ()
         self._store = StaticKeyStore(())
         self._checking: asyncio.Future[None] | None = None  # the check in its thread
+        self._checking_since = 0.0  # when it began (`_clock`)
         self._refresh(is_strict=True)
 
     def _refresh(self, *, is_strict: bool = False) -> None:
@@ -310,19 +319,55 @@ class FileKeyStore:
             await self._checked()
 
     async def tenant_for(self, digest: str) -> str | None:
-        """The tenant of `digest` in the file as it is now."""
+        """The tenant of `digest` in the file as it is now (as last read, while a check
+        has been reading it longer than `_CHECK_WAIT_S`)."""
         if self._checking is not None or self._clock.now() - self._checked_at >= self._check_s:
-            await self._checked()
+            await self._checked(wait_s=_CHECK_WAIT_S)
         return await self._store.tenant_for(digest)
 
-    async def _checked(self) -> None:
-        """Once the file's check, started now in a worker thread unless one runs, ends. A
-        lookup cancelled meanwhile leaves it running for the others (`asyncio.wait`)."""
+    async def _checked(self, *, wait_s: float | None = None) -> None:
+        """Once the file's check, started now in a worker thread unless one runs, ends, or
+        `wait_s` after it began. A lookup cancelled meanwhile leaves it running for the
+        others (`asyncio.wait`)."""
         checking = self._checking
         if checking is None:
-            checking = self._checking = asyncio.ensure_future(asyncio.to_thread(self._refresh))
-            checking.add_done_callback(self._check_ended)
-        await asyncio.wait((checking,))
+            checking = self._checking = self._started_check()
+            self._checking_since = self._clock.now()
+        timeout_s = None
+        if wait_s is not None:
+            timeout_s = max(0.0, self._checking_since + wait_s - self._clock.now())
+        await asyncio.wait((checking,), timeout=timeout_s)
+
+    def _started_check(self) -> asyncio.Future[None]:
+        """`_refresh` in a daemon thread of its own, its end told by the future returned.
+        Not `asyncio.to_thread`: the loop's executor is waited for as the process exits,
+        and a read that never returns kept it running after the server stopped."""
+        loop = asyncio.get_running_loop()
+        checking: asyncio.Future[None] = loop.create_future()
+        checking.add_done_callback(self._check_ended)
+        overran = loop.call_later(_CHECK_WAIT_S, self._check_overran)
+        checking.add_done_callback(lambda _: overran.cancel())
+
+        def check() -> None:
+            failure: BaseException | None = None
+            try:
+                self._refresh()
+            except BaseException as exc:  # told to the loop, which logs it
+                failure = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, checking, failure)
+
+        threading.Thread(target=check, name="keys-file check", daemon=True).start()
+        return checking
+
+    def _check_overran(self) -> None:
+        log.warning(
+            "auth.keys_file_unusable",
+            extra={
+                "error": f"{self._path}: still being read after {_CHECK_WAIT_S:g} s "
+                "(a hung mount?); calls are answered from the keys read last"
+            },
+        )
 
     def _check_ended(self, checking: asyncio.Future[None]) -> None:
         if self._checking is checking:
@@ -330,6 +375,15 @@ class FileKeyStore:
         if not checking.cancelled() and checking.exception() is not None:
             # `_refresh` logs what the file's reading raises; anything else is a bug.
             log.error("auth.keys_file_check_failed", exc_info=checking.exception())
+
+
+def _settle(future: asyncio.Future[None], failure: BaseException | None) -> None:
+    if future.done():
+        return
+    if failure is None:
+        future.set_result(None)
+    else:
+        future.set_exception(failure)
 
 
 def redis_connection_options(config: AuthConfig, environ: Mapping[str, str]) -> dict[str, Any]:

@@ -708,6 +708,31 @@ async def test_a_keys_file_that_turns_unreachable_keeps_the_last_keys(
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_a_keys_file_whose_read_hangs_keeps_the_last_keys(
+    upstream, start_gateway, tmp_path, monkeypatch
+):
+    """A keys file whose read never returns (a hung network mount; a FIFO no one writes
+    stands in for it) is logged, and the keys read last answer once the check has run
+    `_CHECK_WAIT_S`, as for a file that turned unreadable. Before, every call with a key
+    waited for the check, till its deadline (for ever, without one)."""
+    monkeypatch.setattr(service.auth, "_CHECK_WAIT_S", 0.2)
+    keys = tmp_path / "keys"
+    keys.write_text(f"{hash_key(CALLER_KEY_A)} team-a\n", encoding="utf-8")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0}
+    gw = await start_gateway(gateway_config(upstream.base_url, auth=auth))
+    keys.unlink()
+    os.mkfifo(keys)
+    try:
+        reply = await gw.stub.Complete(chat(), metadata=bearer(CALLER_KEY_A), timeout=30)
+        assert reply.content
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer("llmgw_unknown-to-all")))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        # The check's thread, blocked opening the FIFO, reads it empty and ends.
+        with contextlib.suppress(OSError):  # ENXIO: no reader
+            os.close(os.open(keys, os.O_WRONLY | os.O_NONBLOCK))
+
+
 @pytest.mark.parametrize("how", ["emptied", "removed"])
 async def test_a_keys_file_seen_mid_save_keeps_its_keys_until_a_second_check(
     upstream, start_gateway, tmp_path, how

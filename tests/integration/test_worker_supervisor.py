@@ -427,6 +427,45 @@ async def test_a_keys_file_turned_unusable_is_said_by_worker_0_alone(tmp_path: P
     assert {line.rstrip().rpartition(" ")[2] for line in said} == {"worker=0"}, said
 
 
+async def test_a_keys_file_whose_read_hangs_keeps_no_gateway_from_exiting(
+    tmp_path: Path,
+) -> None:
+    """A keys file whose read never returns (a hung network mount; a FIFO no one writes
+    stands in for it) leaves its check's thread stuck: SIGTERM still stops the gateway,
+    which exits 0, and keyed calls meanwhile are answered from the keys read last.
+
+    Before, the check ran in the loop's default executor, which the process waits for as
+    it exits: it logged `server.stopped` and ran on, and the keyed call waited for the
+    check till its deadline."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{hashlib.sha256(b'sk-worker-test').hexdigest()} t1\n")
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0.1}
+    path = _write_config(tmp_path, auth=auth)
+    async with _serve("--config", str(path)) as process:
+        address = await _listening(process)
+        keys.unlink()
+        os.mkfifo(keys)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb_grpc.CompletionServiceStub(channel)
+                key = [("authorization", "Bearer sk-worker-test")]
+                error = await _rpc_error(stub.Complete(chat(), metadata=key, timeout=30))
+            # Past the keys' check: its upstream (port 1) refuses the connection.
+            assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                assert await process.wait() == 0
+        finally:
+            with contextlib.suppress(OSError):  # ENXIO: no reader left
+                os.close(os.open(keys, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def _rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return raised.value
+
+
 def _signalled_at_start(sig: signal.Signals) -> str:
     """Code for the supervisor: worker 0's first process gets `sig` as soon as it is
     started, before it can listen."""
