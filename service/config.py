@@ -521,6 +521,13 @@ class UpstreamConfig:
     # tools and drop tool calls and results without a word (llama-cpp-python's plain chat
     # formats, the local model's `gemma` among them). Calls that use tools avoid it.
     takes_tools: bool = True
+    # The texts (their start) with which the upstream's HTTP 500 refuses the request itself,
+    # as a 400 would: the `raise_exception` messages of the local model's chat template,
+    # which llama-cpp-python answers with 500 (`service.local_model.template_refusals`).
+    # Set by the gateway, never by the file.
+    request_refusals: frozenset[str] = field(
+        default=frozenset(), repr=False, metadata={"set_by_gateway": True}
+    )
     # Relay a `<think>...</think>` block opening the answer's text as reasoning: what
     # servers without a reasoning parser send (vLLM without `--reasoning-parser`, llama.cpp
     # without `--reasoning-format`). Off by default, as some models write such tags as text.
@@ -1448,7 +1455,7 @@ def _build(cls: type[T], data: Any, key: str) -> T:
         variable = secret.metadata["from_environment"]
         problem = f"never read from the file; put it in the environment variable {variable} names"
         raise ValueError(f"{key + '.' if key else ''}{secret.name}: {problem}")
-    names = {f.name for f in fields if f.init}
+    names = {f.name for f in fields if f.init and "set_by_gateway" not in f.metadata}
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be bools or numbers
     if unknown:
         # Never a key the file may not set: one filled from the environment, or set by

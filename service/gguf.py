@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +33,8 @@ _STRING, _ARRAY = 8, 9
 _DEFAULT_KEY = "tokenizer.chat_template"
 # Longer keys are a corrupt length, not a key: never read into memory.
 _MAX_KEY_BYTES = 65536
+# Longer templates are not read (`chat_template_text`): real ones take a few KiB.
+_MAX_TEMPLATE_BYTES = 1 << 20
 _ALIGNMENT_KEY, _DEFAULT_ALIGNMENT = "general.alignment", 32
 _UINT32 = 4
 _MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -60,6 +62,8 @@ class ModelFileHeader:
 
     problem: str | None
     chat_templates: frozenset[str] | None
+    # The text of each of `chat_templates` (one over `_MAX_TEMPLATE_BYTES` left out).
+    template_texts: Mapping[str, str] = field(default_factory=dict)
 
 
 # A file as read: its path (named in a problem), device, inode, size and times.
@@ -75,6 +79,13 @@ def chat_templates(path: Path) -> frozenset[str] | None:
     """The `chat_template.NAME` formats of the file at `path`; None when it cannot be read
     as a GGUF (llama.cpp, loading it, says why)."""
     return model_file_header(path).chat_templates
+
+
+def chat_template_text(path: Path, chat_format: str) -> str | None:
+    """The text of the template the `chat_template.NAME` format `chat_format` renders with,
+    from the file at `path`; None when the file lacks it, or it is over
+    `_MAX_TEMPLATE_BYTES`."""
+    return model_file_header(path).template_texts.get(chat_format)
 
 
 def model_file_problem(path: Path) -> str | None:
@@ -138,41 +149,68 @@ def _header(file: BinaryIO, path: Path, size: int) -> ModelFileHeader:
     file.seek(0)
     cut_short = f"{path} is cut short or corrupt: its GGUF header does not read to its end"
     try:
-        tensors, alignment, templates = _walk_metadata(file)
+        tensors, alignment, read = _walk_metadata(file)
     except (_NotGguf, struct.error, UnicodeDecodeError):
         return ModelFileHeader(cut_short, None)
     if file.tell() > size:  # a value skipped past the file's end: the metadata is cut
         return ModelFileHeader(cut_short, None)
+    templates = frozenset(read)
+    texts = {name: text for name, text in read.items() if text is not None}
     try:
         needed = _data_end(file, tensors, alignment)
     except (_NotGguf, struct.error):
         # The tensor list comes after the metadata: its templates were read whole.
-        return ModelFileHeader(cut_short, templates)
+        return ModelFileHeader(cut_short, templates, texts)
     if needed > size:
         problem = (
             f"{path} is cut short: it holds {size} bytes, where its tensors end at byte "
             f"{needed} (a download or copy that did not finish?)"
         )
-        return ModelFileHeader(problem, templates)
-    return ModelFileHeader(None, templates)
+        return ModelFileHeader(problem, templates, texts)
+    return ModelFileHeader(None, templates, texts)
 
 
-def _walk_metadata(file: BinaryIO) -> tuple[int, int, frozenset[str]]:
-    """The tensor count, the data's alignment and the `chat_template.NAME` formats of the
-    header `file` reads from its start, read up to its tensor list."""
+def _walk_metadata(file: BinaryIO) -> tuple[int, int, dict[str, str | None]]:
+    """The tensor count, the data's alignment and the `chat_template.NAME` formats, each
+    with its text (None when not a string, or too long to read), of the header `file`
+    reads from its start, read up to its tensor list."""
     tensors, entries = _counts(file)
     alignment = _DEFAULT_ALIGNMENT
-    templates = []
+    templates: dict[str, str | None] = {}
     for key, kind in _metadata(file, entries):
-        if key == _DEFAULT_KEY:
-            templates.append("chat_template.default")
-        elif key.startswith(f"{_DEFAULT_KEY}."):
-            templates.append(key.removeprefix("tokenizer."))
+        name = _template_name(key)
+        if name is not None and kind == _STRING:
+            templates[name] = _read_text(file)
+            continue
+        if name is not None:
+            templates[name] = None
         if key == _ALIGNMENT_KEY and kind == _UINT32:
             alignment = _read(file, "<I") or _DEFAULT_ALIGNMENT
         else:
             _skip_value(file, kind)
-    return tensors, alignment, frozenset(templates)
+    return tensors, alignment, templates
+
+
+def _template_name(key: str) -> str | None:
+    """The `chat_template.NAME` format metadata `key` holds the template of, if any."""
+    if key == _DEFAULT_KEY:
+        return "chat_template.default"
+    if key.startswith(f"{_DEFAULT_KEY}."):
+        return key.removeprefix("tokenizer.")
+    return None
+
+
+def _read_text(file: BinaryIO) -> str | None:
+    """The string value `file` reads next; None (skipped) when over `_MAX_TEMPLATE_BYTES`."""
+    length = _read(file, "<Q")
+    if length > _MAX_TEMPLATE_BYTES:
+        file.seek(length, 1)
+        return None
+    data = file.read(length)
+    if len(data) != length:
+        raise _NotGguf
+    # As a value skipped: not UTF-8 is llama.cpp's to say, at the render.
+    return data.decode(errors="replace")
 
 
 def _data_end(file: BinaryIO, tensors: int, alignment: int) -> int:

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import secrets
 import socket
 import struct
@@ -33,7 +34,7 @@ from service.config import (
 )
 from service.cpus import usable_cpus
 from service.errors import UpstreamError
-from service.gguf import chat_templates, model_file_problem
+from service.gguf import chat_template_text, chat_templates, model_file_problem
 from service.machine_turns import TurnsFile
 from service.upstream.client import answers_http, probe_models
 
@@ -108,6 +109,15 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 # server bound it, and how that server's (uvicorn's) last error line says so.
 _START_PORT_TRIES = 3
 _PORT_TAKEN = "address already in use"
+
+
+# A chat template's refusal of the messages it is given, and its message's literal start:
+# `raise_exception('Conversation roles must alternate ...')`, as Gemma's, Mistral's and
+# Llama 2's templates write it. llama-cpp-python raises it as a ValueError, answered 500.
+_TEMPLATE_REFUSAL = re.compile(
+    r"""raise_exception\(\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)')"""
+)
+_ESCAPED = re.compile(r"\\(.)")
 
 
 class LocalModelUnavailable(RuntimeError):
@@ -233,6 +243,24 @@ def check_chat_template(config: LocalModelConfig, model_path: Path) -> None:
         f"{model_path} (templates it holds: {held}); name one of those, or a format "
         "llama.cpp registers, such as gemma"
     )
+
+
+def template_refusals(template: str) -> frozenset[str]:
+    """The messages, or their literal start, with which `template` refuses the messages it
+    is given (`raise_exception`): the local upstream's `request_refusals`, so that one is
+    the caller's request refused (INVALID_ARGUMENT), not a failure of the model retried
+    and held against its breaker, which a few such calls opened for every caller."""
+    literals = (double or single for double, single in _TEMPLATE_REFUSAL.findall(template))
+    return frozenset(_ESCAPED.sub(r"\1", text) for text in literals if text)
+
+
+def _refusals_of_template(config: LocalModelConfig, model_path: Path) -> frozenset[str]:
+    """`template_refusals` of the `chat_template.NAME` the server renders with; none for a
+    registered format, whose formatter is llama-cpp-python's own code."""
+    if not config.chat_format.startswith(GGUF_TEMPLATE_FORMAT):
+        return frozenset()
+    template = chat_template_text(model_path, config.chat_format)
+    return frozenset() if template is None else template_refusals(template)
 
 
 def _takes_tools(chat_format: str) -> bool:
@@ -370,6 +398,8 @@ class LocalModelServer:
         self._watchdog: asyncio.Task[None] | None = None
         self._stderr_tail = bytearray()
         self._stderr_reader: asyncio.Task[None] | None = None
+        # `UpstreamConfig.request_refusals`: read from the model file at the start.
+        self._request_refusals: frozenset[str] = frozenset()
         self._closing = False
         self.restarts = 0
 
@@ -398,6 +428,7 @@ class LocalModelServer:
             stream_unary_calls=True,
             system_messages=_system_messages(self.config.chat_format),
             takes_tools=_takes_tools(self.config.chat_format),
+            request_refusals=self._request_refusals,
         )
 
     def state(self) -> LocalModelState:
@@ -455,6 +486,9 @@ class LocalModelServer:
         """Install the model file if needed, start the server and wait until it answers."""
         model_path = await asyncio.to_thread(ensure_model_file, self.config)
         await asyncio.to_thread(check_chat_template, self.config, model_path)
+        self._request_refusals = await asyncio.to_thread(
+            _refusals_of_template, self.config, model_path
+        )
         for tries_left in reversed(range(_START_PORT_TRIES)):
             try:
                 await self._spawn(model_path)

@@ -123,10 +123,12 @@ def _error_for_status(
     body: bytes = b"",
     *,
     secrets: Iterable[str] = (),
+    request_refusals: frozenset[str] = frozenset(),
 ) -> UpstreamError:
     """Map an HTTP error or redirect status (and, for a 400, its body) to the most
     specific `UpstreamError`; a refusal of the request itself relays what its body says
-    of it, `secrets` redacted (`relay.relayed_error`)."""
+    of it, `secrets` redacted (`relay.relayed_error`). A 500 whose message starts with one
+    of `request_refusals` is such a refusal (`UpstreamConfig.request_refusals`)."""
     if status < 400:
         # Not followed: a POST carrying the key is not sent on to another address. The
         # upstream is unusable as configured, as a failing one is (failed over, its
@@ -172,6 +174,10 @@ def _error_for_status(
             upstream=upstream,
             status=status,
         )
+    if status == 500 and request_refusals:
+        refused = _template_refusal(upstream, body, secrets, request_refusals)
+        if refused is not None:
+            return refused
     if status in (408, 409) or status >= 500:
         return UpstreamUnavailable(
             f"upstream {upstream!r} failed (HTTP {status})",
@@ -228,6 +234,24 @@ def _error_for_status(
         upstream=upstream,
         status=status,
         relayed=relayed_error(body, secrets=secrets),
+    )
+
+
+def _template_refusal(
+    upstream: str, body: bytes, secrets: Iterable[str], request_refusals: frozenset[str]
+) -> UpstreamRejected | None:
+    """The refusal a 500 stands for when its message is one of `request_refusals`: the
+    chat template refused the caller's messages, which no retry and no other moment mends;
+    None when it is another failure."""
+    relayed = relayed_error(body, secrets=secrets)
+    if relayed is None or not relayed.message.startswith(tuple(request_refusals)):
+        return None
+    return UpstreamRejected(
+        f"upstream {upstream!r} refused the request: the model's chat template does not "
+        "take these messages (HTTP 500)",
+        upstream=upstream,
+        status=500,
+        relayed=relayed,
     )
 
 
@@ -604,7 +628,12 @@ class UpstreamClient:
     def _error_for_status(self, response: Response, body: bytes) -> UpstreamError:
         """The error an answer's error status and `body` stand for."""
         return _error_for_status(
-            self.name, response.status, response.headers, body, secrets=self._secrets()
+            self.name,
+            response.status,
+            response.headers,
+            body,
+            secrets=self._secrets(),
+            request_refusals=self.config.request_refusals,
         )
 
     def _stalled_refusal(self, response: Response) -> UpstreamError:
@@ -697,7 +726,14 @@ class UpstreamClient:
         (`on_status` told it: the upstream refused the call, and bills nothing for it)."""
         if on_status is not None:
             on_status(status)
-        return _error_for_status(self.name, status, response.headers, body, secrets=self._secrets())
+        return _error_for_status(
+            self.name,
+            status,
+            response.headers,
+            body,
+            secrets=self._secrets(),
+            request_refusals=self.config.request_refusals,
+        )
 
     async def _post(
         self,

@@ -11,12 +11,24 @@ import asyncio
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
+import pytest
 import yaml
 
+from llmgateway.v1 import gateway_pb2 as pb
+from service.config import parse_config
 from tests.gguf_files import gguf_with
-from tests.integration.test_local_model_restart import serve_with_stand_in, stand_in_local_model
+from tests.integration.helpers import error_info
+from tests.integration.test_local_model_restart import (
+    MODEL,
+    run_stand_in_as_llama,
+    serve_with_stand_in,
+    stand_in_local_model,
+)
 
 
 async def _serve(
@@ -121,3 +133,44 @@ async def test_check_refuses_a_chat_template_the_model_file_lacks_as_serve_does(
     refusal = serve_err.strip().splitlines()[-1].removeprefix("llm-gateway: ")
     assert check_err.strip().splitlines()[-1] == refusal
     assert _check(tmp_path, metadata, "chat_template.tool_use") == (0, "")
+
+
+_ROLES_REFUSAL = "Conversation roles must alternate user/assistant/user/assistant/..."
+# As Gemma's and Mistral's templates refuse two user messages in a row.
+_ALTERNATING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    f"{{{{ raise_exception('{_ROLES_REFUSAL}') }}}}"
+    "{% endif %}{{ message['content'] }}{% endfor %}"
+)
+
+
+async def test_messages_the_chat_template_refuses_are_the_callers_error_not_the_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A request the model file's template refuses (`raise_exception`, which llama.cpp's
+    server answers with HTTP 500) is `INVALID_ARGUMENT` with the template's message, sent
+    once, and does not count against the local model's breaker.
+
+    Before, it was `UNAVAILABLE` "HTTP 500" after three attempts, with no word of why, and
+    a few such calls (here two failures in a row) opened the breaker: every caller's call
+    to the local model was refused for its cool-down."""
+    model, stand_in = stand_in_local_model(tmp_path, refusal=_ROLES_REFUSAL)
+    model.write_bytes(gguf_with({"tokenizer.chat_template": _ALTERNATING_TEMPLATE}))
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {"enabled": "always", "model_path": str(model), "chat_format": "chat_template.default"}
+    data = {
+        "server": {"listen": "127.0.0.1:0"},
+        "local_model": local,
+        "resilience": {"breaker_consecutive_failures": 2},
+    }
+    gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+    twice = [pb.Message(role=pb.ROLE_USER, content=text) for text in ("a", "b")]
+    request = pb.CompleteRequest(model=MODEL, messages=twice)
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gateway.stub.Complete(request, timeout=20)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().endswith(f"(HTTP 500): {_ROLES_REFUSAL}")
+        info = error_info(caught.value)
+        assert (info.reason, info.metadata["upstream"]) == ("UPSTREAM_REJECTED_REQUEST", "local")

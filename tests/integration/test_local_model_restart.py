@@ -67,6 +67,10 @@ class OpenAI(http.server.BaseHTTPRequestHandler):
         if self._refuses():
             return
         message = {{"role": "assistant", "content": "hi"}}
+        if {refusal!r}:  # as llama-cpp-python answers its chat template's raise_exception
+            error = {{"message": {refusal!r}, "type": "internal_server_error", "code": None}}
+            self._send({{"error": error}}, status=500)
+            return
         if {dies_once!r} and not os.path.exists({dies_once!r}):
             open({dies_once!r}, "w").close()
             if {fails_first!r}:
@@ -90,11 +94,14 @@ def stand_in_local_model(
     answer_delay_s: float = 0.0,
     dies_at_first_call: bool = False,
     fails_before_dying: bool = False,
+    refusal: str = "",
 ) -> tuple[Path, Path]:
     """A file standing in for the model and, as `tmp_path/python`, the stand-in server
     the supervisor runs as llama.cpp's Python: (model file, stand-in). It answers each
     completion after `answer_delay_s`; with `dies_at_first_call`, the first one (of all
-    its starts) it gets it exits under, having answered it 500 with `fails_before_dying`."""
+    its starts) it gets it exits under, having answered it 500 with `fails_before_dying`;
+    with a `refusal`, each is answered 500 with that message, as llama-cpp-python answers
+    a request its chat template refuses."""
     model = tmp_path / "model.gguf"
     model.write_bytes(STAND_IN_MODEL)
     stand_in = tmp_path / "python"
@@ -106,6 +113,7 @@ def stand_in_local_model(
             delay_s=answer_delay_s,
             dies_once=dies_once,
             fails_first=fails_before_dying,
+            refusal=refusal,
         )
     )
     stand_in.chmod(0o755)

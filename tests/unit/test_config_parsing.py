@@ -1584,6 +1584,7 @@ def config_keys(cls: type[Any], prefix: str = "") -> list[str]:
             not f.init
             or f.name in ("source", "overrides", "flags")
             or "from_environment" in f.metadata
+            or "set_by_gateway" in f.metadata
         ):
             continue
         args = typing.get_args(hints[f.name])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.gguf import chat_templates, model_file_problem
+from service.gguf import chat_template_text, chat_templates, model_file_problem
 from tests.gguf_files import gguf_with, whole_gguf
 
 _WHOLE = whole_gguf({"general.architecture": "gemma3"}, tensors=3)
@@ -100,3 +100,14 @@ def test_a_file_changed_since_it_was_read_is_read_again(tmp_path: Path) -> None:
     page.write_bytes(b"<html>".ljust(len(_WHOLE) - 1))  # its size, another inode
     page.replace(model)
     assert (model_file_problem(model) or "").startswith(f"{model} is not a GGUF model file")
+
+
+def test_the_header_holds_each_chat_templates_text(tmp_path: Path) -> None:
+    """`chat_template_text` of each `chat_template.NAME`, from the one walk of the header;
+    None for a format the file lacks."""
+    path = tmp_path / "model.gguf"
+    templates = {"tokenizer.chat_template": "{{ a }}", "tokenizer.chat_template.rag": "{{ b }}"}
+    path.write_bytes(whole_gguf(templates, tensors=1))
+    assert chat_template_text(path, "chat_template.default") == "{{ a }}"
+    assert chat_template_text(path, "chat_template.rag") == "{{ b }}"
+    assert chat_template_text(path, "chat_template.tool_use") is None

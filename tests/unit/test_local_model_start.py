@@ -15,6 +15,7 @@ import yaml
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 from service.config import parse_config
+from service.local_model import template_refusals
 from service.server import GatewayServer
 from tests.integration.test_local_model_restart import (
     MODEL,
@@ -175,3 +176,19 @@ def test_a_model_file_that_is_not_gguf_is_a_config_error_for_serve_and_check(
     assert served.stderr.strip().splitlines()[-1] == f"llm-gateway: config error: {reason}"
     assert checked.returncode == 2, checked.stderr
     assert checked.stderr.strip().splitlines()[-1] == f"llm-gateway: config error: {reason}"
+
+
+def test_a_templates_refusals_are_the_literal_starts_of_its_raise_exception_messages() -> None:
+    """Each `raise_exception` call's first string literal, in either quotes, escapes read:
+    a message built from more (`'Unknown role: ' + role`) is known by its start."""
+    template = (
+        "{{ raise_exception('Conversation roles must alternate') }}"
+        '{{raise_exception( "Say \\"hi\\" first" )}}'
+        "{{ raise_exception('Unknown role: ' + message['role']) }}"
+        "{{ raise_exception(reason) }}{{ raise_exception('') }}"
+    )
+    assert template_refusals(template) == {
+        "Conversation roles must alternate",
+        'Say "hi" first',
+        "Unknown role: ",
+    }
