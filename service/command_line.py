@@ -26,8 +26,9 @@ def default_config() -> str:
     return os.environ.get("LLM_GATEWAY_CONFIG") or DEFAULT_CONFIG
 
 
-def config_path(value: str) -> str:
-    """--config: a path; an empty one would be read as the current directory."""
+def file_path(value: str) -> str:
+    """A file's path (--config, `summarize FILE`, `batch INPUT -o OUTPUT`): an empty one
+    would be read as the current directory ("cannot read : Is a directory")."""
     if not value:
         raise argparse.ArgumentTypeError("names no file")
     return value
@@ -47,7 +48,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's options."""
     parser.add_argument(
         "--config",
-        type=config_path,
+        type=file_path,
         default=default_config(),
         help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
     )

@@ -2052,6 +2052,26 @@ async def test_one_ctrl_c_stops_a_command_waiting_on_standard_input(tmp_path, co
     assert err == b""
 
 
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (("summarize", ""), "argument file"),
+        (("batch", "", "-o", "out.jsonl"), "argument input"),
+        (("batch", "in.jsonl", "-o", ""), "argument -o/--output"),
+    ],
+)
+async def test_an_empty_file_path_is_a_usage_error(tmp_path, monkeypatch, arguments, named):
+    """An empty FILE, INPUT or OUTPUT (a script's unset variable) is a usage error, exit
+    2, as an empty `--config` is. Before, it was read as the current directory: exit 1,
+    "cannot read : Is a directory", naming neither the option nor the empty value."""
+    write_items(tmp_path / "in.jsonl", ["q1"])
+    monkeypatch.chdir(tmp_path)
+    code, out, err = await run_cli(*arguments, "--address", "127.0.0.1:1")
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1].endswith(f"error: {named}: names no file")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("command", ["complete", "summarize"])
 async def test_reading_a_closed_standard_input_is_one_line_and_status_1(command):
     """`llm-gateway complete -` (or `summarize -`) with standard input closed (`<&-`)
