@@ -24,7 +24,7 @@ from service.auth import (
     redis_connection_options,
     redis_keys_hash,
 )
-from service.command_line import file_path, default_config
+from service.command_line import default_config, file_path
 from service.config import (
     ANY_TENANT,
     AuthConfig,
