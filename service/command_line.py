@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from service.option_variables import naming_variable, variable_default
 
 DEFAULT_CONFIG = "config/gateway.yaml"
+# A command's status after a Ctrl-C it caught to stop cleanly (128 + SIGINT).
+INTERRUPTED = 130
 
 
 def default_config() -> str:
@@ -23,8 +26,9 @@ def default_config() -> str:
     return os.environ.get("LLM_GATEWAY_CONFIG") or DEFAULT_CONFIG
 
 
-def config_path(value: str) -> str:
-    """--config: a path; an empty one would be read as the current directory."""
+def file_path(value: str) -> str:
+    """A file's path (--config, `summarize FILE`, `batch INPUT -o OUTPUT`): an empty one
+    would be read as the current directory ("cannot read : Is a directory")."""
     if not value:
         raise argparse.ArgumentTypeError("names no file")
     return value
@@ -44,7 +48,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's options."""
     parser.add_argument(
         "--config",
-        type=config_path,
+        type=file_path,
         default=default_config(),
         help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
     )
@@ -84,3 +88,25 @@ def null_closed_stderr() -> None:
     key printed or `batch -o -`'s results."""
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (kept open)
+
+
+def exit_status(status: int) -> int:
+    """`status`, for an entry point to exit with; but after a Ctrl-C (`INTERRUPTED`) the
+    process ends by SIGINT itself, as Python does for a KeyboardInterrupt it is left with.
+
+    A shell running a script (`for f in *; do llm-gateway summarize "$f"; done`) stops it
+    at a Ctrl-C only when the command it waited for died of SIGINT: one that exits 130 is
+    taken to have handled it, and the loop went on to its next call, each one paid for.
+    The shell's `$?` is 130 either way.
+    """
+    if status != INTERRUPTED:
+        return status
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()  # the signal ends the process before Python would flush
+        except (OSError, ValueError):
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    return status  # SIGINT blocked (a parent's signal mask): the status alone

@@ -12,5 +12,6 @@ def main() -> int:
     hold()
     quiet_grpc_core()  # before the CLI imports grpc, which reads it once
     from gateway_client.cli import main as cli_main
+    from service.command_line import exit_status
 
-    return cli_main()
+    return exit_status(cli_main())

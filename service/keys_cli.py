@@ -24,7 +24,7 @@ from service.auth import (
     redis_connection_options,
     redis_keys_hash,
 )
-from service.command_line import config_path, default_config
+from service.command_line import default_config, file_path
 from service.config import (
     ANY_TENANT,
     AuthConfig,
@@ -138,7 +138,7 @@ def keys_command(argv: list[str], *, prog: str = "python -m service keys") -> in
     create.add_argument("--tenant", required=True, help="the tenant the key acts for")
     create.add_argument(
         "--config",
-        type=config_path,
+        type=file_path,
         default=default_config(),
         help="YAML config file naming auth.keys_file or auth.redis_url",
     )

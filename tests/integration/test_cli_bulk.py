@@ -1493,7 +1493,7 @@ async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, addres
             await asyncio.sleep(0.01)
         first.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
-            assert await first.wait() == 130
+            assert await first.wait() == -signal.SIGINT  # a shell's status 130
     finally:
         if first.returncode is None:
             first.kill()
@@ -1503,6 +1503,34 @@ async def test_batch_process_killed_by_ctrl_c_resumes(tmp_path, scripted, addres
     async with asyncio.timeout(60):
         assert await second.wait() == 0
     assert sorted(r["id"] for r in output_records(output)) == sorted(ids)
+
+
+async def test_a_ctrl_c_stops_the_shell_script_running_the_command(tmp_path, scripted, address):
+    """A Ctrl-C (SIGINT to the terminal's process group: the shell and the command) during
+    a call ends the script too, as for any command SIGINT ends. Before, the command exited
+    130, which a shell takes for a Ctrl-C the command handled: the script went on, in a
+    loop to its next call, each paid for."""
+    script = '"$0" -m gateway_client.cli complete "$@"; echo "the script went on: $?"'
+    arguments = ["Say hi", "--model", FAKE_MODEL, "--address", address]
+    scripted.gate.clear()  # the call stays in flight until the Ctrl-C
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's
+    try:
+        shell = await asyncio.create_subprocess_exec(
+            "bash", "-c", script, sys.executable, *arguments,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        await scripted.wait_until(lambda: scripted.in_flight == 1)
+        os.killpg(shell.pid, signal.SIGINT)
+        out, err = await asyncio.wait_for(shell.communicate(), timeout=30)
+    finally:
+        if shell.returncode is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            await shell.wait()
+    assert (shell.returncode, out.decode(), err.decode()) == (-signal.SIGINT, "", "")
 
 
 async def test_a_second_batch_run_on_the_same_output_exits_1_and_calls_nothing(
@@ -1999,7 +2027,7 @@ async def wait_until_reading_stdin(pid: int) -> None:
 )
 async def test_one_ctrl_c_stops_a_command_waiting_on_standard_input(tmp_path, command):
     """`llm-gateway batch -` (or `complete -`, `summarize -`) waiting on a terminal that
-    sends nothing stops at the first Ctrl-C, status 130. Before, it took a second one:
+    sends nothing stops at the first Ctrl-C, status 130 (by SIGINT). Before, it took a second one:
     asyncio's SIGINT handler only asked the loop, blocked by the read, to cancel it."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a shell's
     try:
@@ -2020,8 +2048,28 @@ async def test_one_ctrl_c_stops_a_command_waiting_on_standard_input(tmp_path, co
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert process.returncode == 130, err.decode()
+    assert process.returncode == -signal.SIGINT, err.decode()  # a shell's status 130
     assert err == b""
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (("summarize", ""), "argument file"),
+        (("batch", "", "-o", "out.jsonl"), "argument input"),
+        (("batch", "in.jsonl", "-o", ""), "argument -o/--output"),
+    ],
+)
+async def test_an_empty_file_path_is_a_usage_error(tmp_path, monkeypatch, arguments, named):
+    """An empty FILE, INPUT or OUTPUT (a script's unset variable) is a usage error, exit
+    2, as an empty `--config` is. Before, it was read as the current directory: exit 1,
+    "cannot read : Is a directory", naming neither the option nor the empty value."""
+    write_items(tmp_path / "in.jsonl", ["q1"])
+    monkeypatch.chdir(tmp_path)
+    code, out, err = await run_cli(*arguments, "--address", "127.0.0.1:1")
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1].endswith(f"error: {named}: names no file")
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.parametrize("command", ["complete", "summarize"])

@@ -51,6 +51,25 @@ def test_a_target_grpc_reads_as_written_is_taken(address: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("address", "hint"),
+    [
+        ("http://127.0.0.1:50051", "give HOST:PORT (no http://)"),
+        ("HTTPS://gw.example.com", "give HOST:PORT with --tls (no https://)"),
+        ("grpc://gw:50051", "give HOST:PORT (no grpc://)"),
+    ],
+)
+def test_a_url_for_an_address_is_a_usage_error_saying_what_to_give(
+    address: str, hint: str, capsys
+) -> None:
+    """gRPC looked a URL up as a host name, and every call failed UNAVAILABLE after
+    seconds of retries ("Misformatted domain name"), the scheme unnamed."""
+    with pytest.raises(SystemExit) as caught:
+        parse("--address", address)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"is a URL: {hint}")
+
+
+@pytest.mark.parametrize(
     "address",
     ["", "127.0.0.1:115587", "[::1]:65536", "dns:///gw:70000", "dns:gw:70000", "dns://ns/gw:70000"],
 )

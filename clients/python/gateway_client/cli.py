@@ -25,7 +25,7 @@ from gateway_client.commands import (
     usage,
 )
 from service import early_signals
-from service.command_line import null_closed_descriptors, null_closed_stderr
+from service.command_line import exit_status, null_closed_descriptors, null_closed_stderr
 
 # Each registers without importing the gateway (`serve`, `check` and `keys` import it as
 # they run): every `complete` or `models` would pay for it, most of its start.
@@ -183,4 +183,4 @@ def _discard_unwritten_stdout() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main()))

@@ -47,8 +47,19 @@ def caller_key(value: str) -> str:
     return _checked(authorization_metadata, value)
 
 
+# A URL's schemes, which gRPC does not know: it looks `http://HOST:PORT` up as a host
+# name, retries for seconds, and fails UNAVAILABLE, "Misformatted domain name".
+_URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
+
+
 def gateway_address(value: str) -> str:
     """--address: a target gRPC reads as it is written, checked before any call."""
+    scheme = next((s for s in _URL_SCHEMES if value.lower().startswith(s)), None)
+    if scheme is not None:
+        tls = " with --tls" if scheme in ("https://", "grpcs://") else ""
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is a URL: give HOST:PORT{tls} (no {scheme[:-3]}://)"
+        )
     return _checked(check_address, value)
 
 

@@ -58,6 +58,7 @@ from gateway_client.errors import error_details, status_details
 from gateway_client.progress import Progress
 from gateway_client.text_input import text_lines
 from llmgateway.v1 import gateway_pb2 as pb
+from service.command_line import file_path
 from service.retry import BackoffPolicy, backoff_s
 
 # One call carries at most this many items and bytes; the rest wait for the next call.
@@ -114,9 +115,15 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", help="JSONL file of items ('-' reads standard input)")
     parser.add_argument(
-        "-o", "--output", required=True, help="JSONL results file ('-' writes standard output)"
+        "input", type=file_path, help="JSONL file of items ('-' reads standard input)"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=file_path,
+        required=True,
+        help="JSONL results file ('-' writes standard output)",
     )
     parser.add_argument(
         "--concurrency",

@@ -22,7 +22,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from service.command_line import config_path, default_config
+from service.command_line import default_config, file_path
 
 # Registered apart from `commands.check`, which imports much of the gateway (config, Redis,
 # telemetry, the upstream client, the local model): `complete` and `models` would pay that
@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--config",
-        type=config_path,
+        type=file_path,
         default=default_config(),
         help="YAML config file (default: $LLM_GATEWAY_CONFIG or config/gateway.yaml)",
     )

@@ -21,6 +21,7 @@ from gateway_client.connection import (
 from gateway_client.errors import error_details
 from gateway_client.text_input import file_text
 from llmgateway.v1 import gateway_pb2 as pb
+from service.command_line import file_path
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +31,9 @@ def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "summarize", help="summarise a document longer than the context window"
     )
-    parser.add_argument("file", help="text file to summarise ('-' reads standard input)")
+    parser.add_argument(
+        "file", type=file_path, help="text file to summarise ('-' reads standard input)"
+    )
     parser.add_argument(
         "--model",
         type=text_argument,
