@@ -85,6 +85,36 @@ class TakenTurn(Protocol):
         ...
 
 
+class Pace(Protocol):
+    """Takes one upstream call's turn under its tenant's limits (`BatchPacer.turn`)."""
+
+    def __call__(
+        self, tokens: int, deadline: Deadline, *, requests: int = 1
+    ) -> contextlib.AbstractAsyncContextManager[TakenTurn]: ...
+
+
+# One try's turn of a batch item or a Summarize part, given whether an earlier try of it
+# was sent (its per-minute units spent).
+Turn = Callable[[bool], contextlib.AbstractAsyncContextManager[TakenTurn | None]]
+
+
+def unpaced(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
+    """The turn of a call its tenant's limits do not pace: nothing to take."""
+    return contextlib.nullcontext()
+
+
+def paced(pace: Pace, tokens: int, deadline: Deadline, *, requests: int = 1) -> Turn:
+    """A call's turns under `pace`: its first (or every one while none of its tries was
+    sent) takes its `requests` and `tokens`, a later one only a call slot."""
+
+    def turn(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
+        if was_sent:
+            return pace(0, deadline, requests=0)
+        return pace(tokens, deadline, requests=requests)
+
+    return turn
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
     """A request validated and fitted to its model's window, its prompt estimated once."""
