@@ -245,9 +245,10 @@ async def _complete_item(
     within the deadline and `resilience.attempts` tries, else it fails with the last
     failure that says why (`says_why`).
 
-    Each try runs in a `turn` of its own (`Pipeline.in_turn`): the wait between two, 15 s
-    or more of a breaker's cool-down or a restart, holds none of its tenant's call slots,
-    which its tenant's other calls may use meanwhile.
+    Each try runs in a `turn` of its own (`Pipeline.complete_in_turn`): the wait between
+    two, 15 s or more of a breaker's cool-down or a restart, holds none of its tenant's
+    call slots, which its tenant's other calls may use meanwhile, and nor does a wait at
+    its upstream's limits the length of which is known (a rate, a 429's pause).
 
     Raises:
         ShuttingDown: the server began stopping while the item waited its turn or for
@@ -263,10 +264,14 @@ async def _complete_item(
     for attempt in range(1, attempts + 1):
         try:
             # A try that went back unsent gave its units back as it ended (`in_turn`).
-            async with pipeline.in_turn(turn(was_sent)):
-                return await pipeline.complete_in_turn(
-                    request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
-                )
+            return await pipeline.complete_in_turn(
+                request,
+                deadline=deadline,
+                waiting_since=waiting_since,
+                is_rerun=was_sent,
+                turn=turn,
+                was_sent=was_sent,
+            )
         # Refused before this try was sent: unsent only if no earlier try was, and
         # naming the earlier tries' failures with this one's.
         except (ShuttingDown, BudgetExceeded, DeadlineExceeded, ContextWindowExceeded) as refused:

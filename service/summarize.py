@@ -38,10 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1176,14 +1177,14 @@ class Summarizer:
             try:
                 # A try that went back unsent gave its units back as it ended (`in_turn`).
                 # A part waits its turn at its upstream's limits, as a batch's item does.
-                async with self._pipeline.in_turn(turn(was_sent)):
-                    with run.halt.calling(), run.tally.sending():
-                        completion = await self._complete_part(
-                            chat,
-                            deadline=deadline,
-                            waiting_since=waiting_since,
-                            is_rerun=was_sent,
-                        )
+                completion = await self._complete_part(
+                    chat,
+                    deadline=deadline,
+                    waiting_since=waiting_since,
+                    was_sent=was_sent,
+                    turn=turn,
+                    within=functools.partial(_calling, run),
+                )
             # Refused before this try was sent: unsent only if no earlier try was, and
             # naming the earlier tries' failures with this one's.
             except (
@@ -1247,25 +1248,47 @@ class Summarizer:
         raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
     async def _complete_part(
-        self, chat: ChatRequest, *, deadline: Deadline, waiting_since: float | None, is_rerun: bool
+        self,
+        chat: ChatRequest,
+        *,
+        deadline: Deadline,
+        waiting_since: float | None,
+        was_sent: bool,
+        turn: Turn,
+        within: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> Completion:
-        """One try of a summarising call. An upstream that refuses its temperature (OpenAI's
-        reasoning models answer 400 naming `temperature` for any but their default) has it
-        asked again at once without one, and so are its model's later calls: the caller
-        never set it, and could not stop it being sent."""
+        """One try of a summarising call, in its `turn` and `within` that
+        (`Pipeline.complete_in_turn`; `was_sent`: an earlier try was, which makes this one
+        a rerun). An upstream that refuses its temperature (OpenAI's reasoning models
+        answer 400 naming `temperature` for any but their default) has it asked again at
+        once without one, and so are its model's later calls: the caller never set it,
+        and could not stop it being sent."""
         if chat.params.temperature is not None and chat.model in self._refusing_temperature:
             chat = _without_temperature(chat)
         try:
             return await self._pipeline.complete_in_turn(
-                chat, deadline=deadline, waiting_since=waiting_since, is_rerun=is_rerun
+                chat,
+                deadline=deadline,
+                waiting_since=waiting_since,
+                is_rerun=was_sent,
+                turn=turn,
+                was_sent=was_sent,
+                within=within,
             )
         except UpstreamRejected as exc:
             if chat.params.temperature is None or not _refuses_temperature(exc):
                 raise
         self._refusing_temperature.add(chat.model)
         try:
+            # A turn of its own, taking only a slot: the try refused was sent.
             return await self._pipeline.complete_in_turn(
-                _without_temperature(chat), deadline=deadline, waiting_since=None, is_rerun=is_rerun
+                _without_temperature(chat),
+                deadline=deadline,
+                waiting_since=None,
+                is_rerun=was_sent,
+                turn=turn,
+                was_sent=True,
+                within=within,
             )
         except GatewayError as refused:
             # The try refused for its temperature was sent: so was this one's call, whatever
@@ -1275,6 +1298,15 @@ class Summarizer:
         except asyncio.CancelledError as cancel:  # however it was cut, as a refusal
             mark_unsent(cancel, is_unsent=False)
             raise
+
+
+@contextlib.contextmanager
+def _calling(run: _Run) -> Iterator[None]:
+    """Around one upstream call of a part, in its turn: one a failed part then lets run
+    (`_Halt.calling`), its failure, unless unsent, marking the summary sent
+    (`_Tally.sending`)."""
+    with run.halt.calling(), run.tally.sending():
+        yield
 
 
 def _refuses_temperature(refusal: UpstreamRejected) -> bool:
