@@ -8,7 +8,6 @@ cancels the task group, and with it every upstream request still in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -31,7 +30,7 @@ from service.errors import (
     quoted,
 )
 from service.ledger import PICO, to_pico
-from service.pipeline import Pipeline, PreparedRequest, TakenTurn
+from service.pipeline import Pace, Pipeline, PreparedRequest, Turn, paced, unpaced
 from service.retry import reopen_wait_s, says_why
 from service.validation import CALLER_ID_RULE, chat_request_violations, is_caller_id
 
@@ -158,11 +157,11 @@ async def run_batch(
                 raise InvalidRequest(
                     chat_request_violations(item.request, limits, prior=item.violations)
                 )
-            turn: Turn = _unpaced
+            turn: Turn = unpaced
             if pace is not None:
                 # Refuse an invalid item, or one for a model no upstream serves, before
                 # it takes any of the tenant's limits: it makes no upstream call.
-                turn = _paced(pace, item.tokens(pipeline.prepare(item.request)), deadline)
+                turn = paced(pace, item.tokens(pipeline.prepare(item.request)), deadline)
             # Its timings count from the batch's start: its wait for its turn (the
             # batch's concurrency, its tenant's limits) is queued time.
             completion = await _complete_item(
@@ -231,39 +230,13 @@ def _stopped(refusals: Sequence[ShuttingDown]) -> ShuttingDown:
     return ShuttingDown()
 
 
-class Pace(Protocol):
-    """Takes one upstream call's turn under its tenant's limits (`BatchPacer.turn`)."""
-
-    def __call__(
-        self, tokens: int, deadline: Deadline, *, requests: int = 1
-    ) -> contextlib.AbstractAsyncContextManager[TakenTurn]: ...
-
-
-# One try's turn, given whether an earlier try of the item was sent (its units spent).
-Turn = Callable[[bool], contextlib.AbstractAsyncContextManager[TakenTurn | None]]
-
-
-def _unpaced(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
-    return contextlib.nullcontext()
-
-
-def _paced(pace: Pace, tokens: int, deadline: Deadline) -> Turn:
-    """An item's turns under `pace`: its first (or every one while none of its tries was
-    sent) takes its request and `tokens`, a later one only a call slot."""
-
-    def turn(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
-        return pace(0, deadline, requests=0) if was_sent else pace(tokens, deadline)
-
-    return turn
-
-
 async def _complete_item(
     pipeline: Pipeline,
     request: ChatRequest,
     *,
     deadline: Deadline,
     waiting_since: float,
-    turn: Turn = _unpaced,
+    turn: Turn = unpaced,
 ) -> Completion:
     """One item's completion. An item refused as its upstream restarts (the local model,
     dead under it or before it), or failed with every upstream of its model kept off by
@@ -272,9 +245,10 @@ async def _complete_item(
     within the deadline and `resilience.attempts` tries, else it fails with the last
     failure that says why (`says_why`).
 
-    Each try runs in a `turn` of its own (`Pipeline.in_turn`): the wait between two, 15 s
-    or more of a breaker's cool-down or a restart, holds none of its tenant's call slots,
-    which its tenant's other calls may use meanwhile.
+    Each try runs in a `turn` of its own (`Pipeline.complete_in_turn`): the wait between
+    two, 15 s or more of a breaker's cool-down or a restart, holds none of its tenant's
+    call slots, which its tenant's other calls may use meanwhile, and nor does a wait at
+    its upstream's limits the length of which is known (a rate, a 429's pause).
 
     Raises:
         ShuttingDown: the server began stopping while the item waited its turn or for
@@ -290,10 +264,14 @@ async def _complete_item(
     for attempt in range(1, attempts + 1):
         try:
             # A try that went back unsent gave its units back as it ended (`in_turn`).
-            async with pipeline.in_turn(turn(was_sent)):
-                return await pipeline.complete_in_turn(
-                    request, deadline=deadline, waiting_since=waiting_since, is_rerun=was_sent
-                )
+            return await pipeline.complete_in_turn(
+                request,
+                deadline=deadline,
+                waiting_since=waiting_since,
+                is_rerun=was_sent,
+                turn=turn,
+                was_sent=was_sent,
+            )
         # Refused before this try was sent: unsent only if no earlier try was, and
         # naming the earlier tries' failures with this one's.
         except (ShuttingDown, BudgetExceeded, DeadlineExceeded, ContextWindowExceeded) as refused:

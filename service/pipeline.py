@@ -77,6 +77,12 @@ REPEATABLE_MAX_BYTES = 16 * 1024
 _REQUEUE_PAUSE_S = 0.1
 
 
+# A wait at an upstream's limits at least this long, its length known, is waited out of
+# a paced call's turn (`complete_in_turn`): a shorter one would hand the slot back and
+# take it again (a script each on Redis) for about as long as the wait.
+_OUT_OF_TURN_S = 1.0
+
+
 class TakenTurn(Protocol):
     """What a batch item's or a Summarize part's turn took of its tenant's limits
     (`BatchPacer.turn`)."""
@@ -84,6 +90,36 @@ class TakenTurn(Protocol):
     async def give_back_rate(self) -> None:
         """Give back the per-minute units the turn took, for a call never sent."""
         ...
+
+
+class Pace(Protocol):
+    """Takes one upstream call's turn under its tenant's limits (`BatchPacer.turn`)."""
+
+    def __call__(
+        self, tokens: int, deadline: Deadline, *, requests: int = 1
+    ) -> contextlib.AbstractAsyncContextManager[TakenTurn]: ...
+
+
+# One try's turn of a batch item or a Summarize part, given whether an earlier try of it
+# was sent (its per-minute units spent).
+Turn = Callable[[bool], contextlib.AbstractAsyncContextManager[TakenTurn | None]]
+
+
+def unpaced(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
+    """The turn of a call its tenant's limits do not pace: nothing to take."""
+    return contextlib.nullcontext()
+
+
+def paced(pace: Pace, tokens: int, deadline: Deadline, *, requests: int = 1) -> Turn:
+    """A call's turns under `pace`: its first (or every one while none of its tries was
+    sent) takes its `requests` and `tokens`, a later one only a call slot."""
+
+    def turn(was_sent: bool) -> contextlib.AbstractAsyncContextManager[TakenTurn | None]:
+        if was_sent:
+            return pace(0, deadline, requests=0)
+        return pace(tokens, deadline, requests=requests)
+
+    return turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,17 +610,29 @@ class Pipeline:
         deadline: Deadline,
         waiting_since: float | None = None,
         is_rerun: bool = False,
+        turn: Turn = unpaced,
+        was_sent: bool = False,
+        within: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> Completion:
         """`complete`, for a call the gateway queued itself (a batch's item, a Summarize's
-        part): one its upstreams' own limits (concurrency, per-minute rates) kept waiting
-        past `resilience.max_limit_wait_s` goes back in line rather than fail, and so does
-        one its tenant's budget refused only for what calls in flight hold: most often
-        its own batch's or summary's other calls, which would otherwise refuse it on every
-        run. That bound is for a caller who would rather be told at once; these calls are
-        their caller's queue, and wait their turn until its deadline: their timings count
-        from `waiting_since` (else now), every turn they waited as queued time.
-        `is_rerun`: the call runs again one that failed after the pool's own tries (a
-        Summarize part's next try), held to the retry budget as retries are.
+        part), in its `turn` (`in_turn`; `was_sent`: an earlier try of it was, its units
+        spent) and `within` that: one its upstreams' own limits (concurrency, per-minute
+        rates) kept waiting past `resilience.max_limit_wait_s` goes back in line rather
+        than fail, and so does one its tenant's budget refused only for what calls in
+        flight hold: most often its own batch's or summary's other calls, which would
+        otherwise refuse it on every run. That bound is for a caller who would rather be
+        told at once; these calls are their caller's queue, and wait their turn until its
+        deadline: their timings count from `waiting_since` (else now), every turn they
+        waited as queued time. `is_rerun`: the call runs again one that failed after the
+        pool's own tries (a Summarize part's next try), held to the retry budget as
+        retries are.
+
+        A paced call whose upstream's limits hold it a known while (a rate, a pause its
+        429 asked for: `_OUT_OF_TURN_S` or more) waits that out of its turn, giving its
+        units and its slot back, and takes its turn again: its tenant's other calls may
+        use the slot meanwhile. Shorter waits, and waits for an upstream's slot (when one
+        frees is not known: its refusal says 0.1 s), go back in line in the turn, without
+        churning it.
 
         Raises:
             ShuttingDown: the server began stopping while the call waited at its upstream's
@@ -593,6 +641,35 @@ class Pipeline:
         """
         if waiting_since is None:
             waiting_since = time.monotonic()
+        is_paced = turn is not unpaced
+        while True:
+            try:
+                async with self.in_turn(turn(was_sent)):
+                    with within():
+                        return await self._complete_in_line(
+                            request,
+                            deadline=deadline,
+                            waiting_since=waiting_since,
+                            is_rerun=is_rerun,
+                            is_paced=is_paced,
+                        )
+            except LimitExceeded as refusal:  # unsent: its turn gave its units back
+                wait_s = _out_of_turn_s(refusal, deadline) if is_paced else None
+                if wait_s is None:
+                    raise
+            await self.pause(wait_s, is_unsent=not was_sent)
+
+    async def _complete_in_line(
+        self,
+        request: ChatRequest,
+        *,
+        deadline: Deadline,
+        waiting_since: float,
+        is_rerun: bool,
+        is_paced: bool,
+    ) -> Completion:
+        """`complete_in_turn` within one turn: `LimitExceeded` for a wait the call takes
+        out of its turn (`is_paced`, `_out_of_turn_s`)."""
         while True:
             try:
                 return await self.complete(
@@ -605,6 +682,8 @@ class Pipeline:
                 left = deadline.remaining_s()
                 if left is not None and left <= (exc.retry_after_s or 0.0):
                     raise  # its turn would come after the deadline: said now, with when
+                if is_paced and isinstance(exc, LimitExceeded) and _out_of_turn_s(exc, deadline):
+                    raise
                 refusal = exc
             # Its tries so far were all refused before any was begun (`_sooner_limit`).
             try:
@@ -1004,6 +1083,19 @@ class Pipeline:
                 if log.lost:
                     await self._account_lost(prepared, log, owed, hold)
         yield completion
+
+
+def _out_of_turn_s(refusal: LimitExceeded, deadline: Deadline) -> float | None:
+    """How long a paced call refused unsent at its upstream's limits waits out of its
+    turn (`complete_in_turn`): the refusal's known wait, if `_OUT_OF_TURN_S` or more and
+    the deadline leaves room for it; else None (it stays in line, in its turn)."""
+    wait_s = refusal.retry_after_s
+    if not refusal.is_unsent or wait_s is None:
+        return None
+    left = deadline.remaining_s()
+    if wait_s < _OUT_OF_TURN_S or (left is not None and left <= wait_s):
+        return None
+    return wait_s
 
 
 def _cut_timings(log: AttemptLog) -> Timings:

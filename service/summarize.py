@@ -38,10 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ from service.errors import (
     mark_unsent,
 )
 from service.ledger import PICO, to_pico
-from service.pipeline import Pipeline, TakenTurn
+from service.pipeline import Pipeline, Turn, paced, unpaced
 from service.retry import doubled, next_try_s, says_why
 from service.tokens import (
     PER_MESSAGE_OVERHEAD,
@@ -1225,121 +1226,145 @@ class Summarizer:
             labels=request.labels,
             tenant=request.tenant,
         )
-        waiting_since: float | None = time.monotonic()  # a wait for the pacer is queued time
-        run.halt.check()  # another part failed: take nothing from the pacer
         pacer = current_pacer()
-        # The tenant's tokens_per_minute, taken as the call starts, and one of its call
-        # slots, held until the call (with its retries) ends.
-        turn: contextlib.AbstractAsyncContextManager[TakenTurn | None] = contextlib.nullcontext()
+        # Each try takes a turn of its own: the tenant's tokens_per_minute (while none of
+        # the call's tries was sent) and one of its call slots, held until the try ends.
+        # The wait between two (a back-off, a breaker's cool-down, a restart) holds no
+        # slot, which the tenant's other calls may use meanwhile.
+        turn: Turn = unpaced
         if pacer is not None:
-            turn = pacer.turn(
-                part_tokens((system, user), max_tokens=answer_tokens), deadline, requests=0
-            )
-        async with self._pipeline.in_turn(turn):
-            attempts = self._config.chunk_attempts
-            # The last failure that says why the part failed (`says_why`): an upstream's,
-            # or a refusal as its upstream restarts, whatever tries came before it.
-            telling: UpstreamError | None = None
-            # Only a try that was sent makes the next a retry, held to the retry budget:
-            # the parts refused unsent while the local model restarts would spend it.
-            was_sent = False
-            # What each upstream attempt of every try failed with, in order: the status
-            # says them all, not only the telling failure's (`attempt_errors`).
-            failures: list[str] = []
-            for attempt in range(1, attempts + 1):
-                if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
-                    raise ShuttingDown(is_unsent=not was_sent)
+            tokens = part_tokens((system, user), max_tokens=answer_tokens)
+            turn = paced(pacer.turn, tokens, deadline, requests=0)
+        attempts = self._config.chunk_attempts
+        # The last failure that says why the part failed (`says_why`): an upstream's,
+        # or a refusal as its upstream restarts, whatever tries came before it.
+        telling: UpstreamError | None = None
+        # Only a try that was sent makes the next a retry, held to the retry budget:
+        # the parts refused unsent while the local model restarts would spend it.
+        was_sent = False
+        # What each upstream attempt of every try failed with, in order: the status
+        # says them all, not only the telling failure's (`attempt_errors`).
+        failures: list[str] = []
+        for attempt in range(1, attempts + 1):
+            if self._pipeline.is_stopping:  # cut at the grace's end, it would be paid for
+                raise ShuttingDown(is_unsent=not was_sent)
+            run.halt.check()  # another part failed: take nothing from the pacer
+            waiting_since = time.monotonic()  # a wait for the pacer is queued time
+            try:
+                # A try that went back unsent gave its units back as it ended (`in_turn`).
+                # A part waits its turn at its upstream's limits, as a batch's item does.
+                completion = await self._complete_part(
+                    chat,
+                    deadline=deadline,
+                    waiting_since=waiting_since,
+                    was_sent=was_sent,
+                    turn=turn,
+                    within=functools.partial(_calling, run),
+                )
+            # Refused before this try was sent: unsent only if no earlier try was, and
+            # naming the earlier tries' failures with this one's.
+            except (
+                ShuttingDown,
+                BudgetExceeded,
+                DeadlineExceeded,
+                ContextWindowExceeded,  # the text is split again (`_call_if_fits`)
+            ) as refused:
+                refused.is_unsent = refused.is_unsent and not was_sent
+                refused.attempt_failures = (*failures, *refused.attempt_failures)
+                raise
+            except asyncio.CancelledError as cancel:  # cut as it waited: as a refusal
+                if was_sent:
+                    mark_unsent(cancel, is_unsent=False)
+                raise
+            except UpstreamContextExceeded:
+                raise  # the text is split again (`_call_if_fits`)
+            except UpstreamRejected as exc:
+                raise SummarizePartRejected(
+                    exc, part=slot.part, parts=slot.parts, level=slot.level
+                ) from exc
+            except UpstreamError as exc:
+                if says_why(exc):
+                    telling = exc
+                failures.extend(exc.attempt_failures)
+                was_sent = was_sent or not exc.is_unsent
+                wait_s = next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
+                left = deadline.remaining_s()
+                # A rejected key stays rejected: a retry would only find the upstream set
+                # aside, and say that instead.
+                is_final = attempt == attempts or exc.is_retry_futile
+                if is_final or (left is not None and left <= wait_s):
+                    failed = SummarizePartFailed(
+                        exc if telling is None else telling,
+                        part=slot.part,
+                        parts=slot.parts,
+                        level=slot.level,
+                        attempts=attempt,
+                    )
+                    failed.attempt_failures = tuple(failures)
+                    # Unsent as its tries were (each try's turn gave its own units back).
+                    failed.is_unsent = not was_sent
+                    raise failed from exc
+                # Ended by the server's stop, naming the failure: another replica
+                # may take the call at once, where the next try would be sent into
+                # the drain (or cut at its end).
                 try:
-                    # A part waits its turn at its upstream's limits, as a batch's item does.
-                    with run.halt.calling(), run.tally.sending():
-                        completion = await self._complete_part(
-                            chat,
-                            deadline=deadline,
-                            waiting_since=waiting_since,
-                            is_rerun=was_sent,
-                        )
-                # Refused before this try was sent: unsent only if no earlier try was, and
-                # naming the earlier tries' failures with this one's.
-                except (
-                    ShuttingDown,
-                    BudgetExceeded,
-                    DeadlineExceeded,
-                    ContextWindowExceeded,  # the text is split again (`_call_if_fits`)
-                ) as refused:
-                    refused.is_unsent = refused.is_unsent and not was_sent
-                    refused.attempt_failures = (*failures, *refused.attempt_failures)
+                    await self._pipeline.pause(
+                        wait_s,
+                        sleep=self._clock.sleep,
+                        last_error=exc if telling is None else telling,
+                        is_unsent=not was_sent,
+                    )
+                except ShuttingDown as stopped:
+                    stopped.attempt_failures = tuple(failures)
                     raise
-                except asyncio.CancelledError as cancel:  # cut as it waited: as a refusal
-                    if was_sent:
-                        mark_unsent(cancel, is_unsent=False)
-                    raise
-                except UpstreamContextExceeded:
-                    raise  # the text is split again (`_call_if_fits`)
-                except UpstreamRejected as exc:
-                    raise SummarizePartRejected(
-                        exc, part=slot.part, parts=slot.parts, level=slot.level
-                    ) from exc
-                except UpstreamError as exc:
-                    if says_why(exc):
-                        telling = exc
-                    failures.extend(exc.attempt_failures)
-                    was_sent = was_sent or not exc.is_unsent
-                    wait_s = next_try_s(exc, doubled(self._config.retry_backoff_s, attempt - 1))
-                    left = deadline.remaining_s()
-                    # A rejected key stays rejected: a retry would only find the upstream set
-                    # aside, and say that instead.
-                    is_final = attempt == attempts or exc.is_retry_futile
-                    if is_final or (left is not None and left <= wait_s):
-                        failed = SummarizePartFailed(
-                            exc if telling is None else telling,
-                            part=slot.part,
-                            parts=slot.parts,
-                            level=slot.level,
-                            attempts=attempt,
-                        )
-                        failed.attempt_failures = tuple(failures)
-                        failed.is_unsent = not was_sent  # its turn's units go back
-                        raise failed from exc
-                    # Ended by the server's stop, naming the failure: another replica
-                    # may take the call at once, where the next try would be sent into
-                    # the drain (or cut at its end).
-                    try:
-                        await self._pipeline.pause(
-                            wait_s,
-                            sleep=self._clock.sleep,
-                            last_error=exc if telling is None else telling,
-                            is_unsent=not was_sent,
-                        )
-                    except ShuttingDown as stopped:
-                        stopped.attempt_failures = tuple(failures)
-                        raise
-                    waiting_since = None  # a retry's backoff is not queued time
-                    continue
-                run.tally.add(completion, now=self._clock.now())
-                _check_summary(completion, slot, attempts=attempt)
-                return completion
-            raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
+                continue
+            run.tally.add(completion, now=self._clock.now())
+            _check_summary(completion, slot, attempts=attempt)
+            return completion
+        raise AssertionError("the retry loop always returns or raises")  # pragma: no cover
 
     async def _complete_part(
-        self, chat: ChatRequest, *, deadline: Deadline, waiting_since: float | None, is_rerun: bool
+        self,
+        chat: ChatRequest,
+        *,
+        deadline: Deadline,
+        waiting_since: float | None,
+        was_sent: bool,
+        turn: Turn,
+        within: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> Completion:
-        """One try of a summarising call. An upstream that refuses its temperature (OpenAI's
-        reasoning models answer 400 naming `temperature` for any but their default) has it
-        asked again at once without one, and so are its model's later calls: the caller
-        never set it, and could not stop it being sent."""
+        """One try of a summarising call, in its `turn` and `within` that
+        (`Pipeline.complete_in_turn`; `was_sent`: an earlier try was, which makes this one
+        a rerun). An upstream that refuses its temperature (OpenAI's reasoning models
+        answer 400 naming `temperature` for any but their default) has it asked again at
+        once without one, and so are its model's later calls: the caller never set it,
+        and could not stop it being sent."""
         if chat.params.temperature is not None and chat.model in self._refusing_temperature:
             chat = _without_temperature(chat)
         try:
             return await self._pipeline.complete_in_turn(
-                chat, deadline=deadline, waiting_since=waiting_since, is_rerun=is_rerun
+                chat,
+                deadline=deadline,
+                waiting_since=waiting_since,
+                is_rerun=was_sent,
+                turn=turn,
+                was_sent=was_sent,
+                within=within,
             )
         except UpstreamRejected as exc:
             if chat.params.temperature is None or not _refuses_temperature(exc):
                 raise
         self._refusing_temperature.add(chat.model)
         try:
+            # A turn of its own, taking only a slot: the try refused was sent.
             return await self._pipeline.complete_in_turn(
-                _without_temperature(chat), deadline=deadline, waiting_since=None, is_rerun=is_rerun
+                _without_temperature(chat),
+                deadline=deadline,
+                waiting_since=None,
+                is_rerun=was_sent,
+                turn=turn,
+                was_sent=True,
+                within=within,
             )
         except GatewayError as refused:
             # The try refused for its temperature was sent: so was this one's call, whatever
@@ -1349,6 +1374,15 @@ class Summarizer:
         except asyncio.CancelledError as cancel:  # however it was cut, as a refusal
             mark_unsent(cancel, is_unsent=False)
             raise
+
+
+@contextlib.contextmanager
+def _calling(run: _Run) -> Iterator[None]:
+    """Around one upstream call of a part, in its turn: one a failed part then lets run
+    (`_Halt.calling`), its failure, unless unsent, marking the summary sent
+    (`_Tally.sending`)."""
+    with run.halt.calling(), run.tally.sending():
+        yield
 
 
 def _refuses_temperature(refusal: UpstreamRejected) -> bool:
