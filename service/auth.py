@@ -624,9 +624,11 @@ class Authenticator:
                 raise Unauthenticated(_no_key_problem(metadata))
             return self.principal(DEFAULT_TENANT, is_authenticated=False)
         if len(key) > _MAX_KEY_LENGTH:
-            # No key is this long: unknown, without hashing or looking it up. With keys
-            # optional its caller is `default`, as any other unknown key's.
+            # No key is this long: unknown, without looking it up (hashed only for its
+            # log line). With keys optional its caller is `default`, as any other
+            # unknown key's.
             if self._is_required:
+                self._rejected.rejected(hash_key(key))
                 raise Unauthenticated("unknown caller key")
             return self.principal(DEFAULT_TENANT, is_authenticated=False)
         digest = hash_key(key)
