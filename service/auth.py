@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -173,6 +174,45 @@ def _keys_file_lines_naming(text: str, tenant: str) -> list[int]:
 def keys_file_line(caller_key: CallerKey) -> str:
     """One line of a keys file."""
     return f"{caller_key.sha256} {caller_key.tenant}\n"
+
+
+def keys_file_writable_warning(path: Path) -> str | None:
+    """Why the keys file at `path` is open to a key nobody issued: its group or every user
+    may write it, and whoever can write it can give themselves a key for any tenant, an
+    admin's included. None for a file only its owner may change, or none there."""
+    mode = _permissions(path)
+    if mode is None or not mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return None
+    writers = "every user" if mode & stat.S_IWOTH else "its group"
+    return (
+        f"auth.keys_file {path} (mode {mode:04o}) is writable by {writers}: whoever can "
+        f"write it can give themselves a key for any tenant; chmod 600 {path} (640 if the "
+        "gateway reads it through its group)"
+    )
+
+
+def keys_file_readable_warning(path: Path) -> str | None:
+    """Why the keys file at `path` says too much: every user may read it. It holds
+    digests, not keys, but names each tenant that has keys, and how many. None for a
+    file its owner (and group) alone may read, or none there."""
+    mode = _permissions(path)
+    if mode is None or not mode & stat.S_IROTH:
+        return None
+    return (
+        f"auth.keys_file {path} (mode {mode:04o}) is readable by every user: it holds "
+        f"SHA-256 digests, not keys, but names the tenants that have keys; chmod 600 {path}"
+    )
+
+
+def _permissions(path: Path) -> int | None:
+    """The permission bits of the file at `path` (a link's target's), or None where there
+    is no such file or none to tell (not POSIX)."""
+    if os.name != "posix":
+        return None
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # missing or unreadable: reading it says so, or finds no keys
+        return None
 
 
 class KeyStore(Protocol):
@@ -678,9 +718,11 @@ class Authenticator:
                 raise Unauthenticated(_no_key_problem(metadata))
             return self.principal(DEFAULT_TENANT, is_authenticated=False)
         if len(key) > _MAX_KEY_LENGTH:
-            # No key is this long: unknown, without hashing or looking it up. With keys
-            # optional its caller is `default`, as any other unknown key's.
+            # No key is this long: unknown, without looking it up (hashed only for its
+            # log line). With keys optional its caller is `default`, as any other
+            # unknown key's.
             if self._is_required:
+                self._rejected.rejected(hash_key(key))
                 raise Unauthenticated("unknown caller key")
             return self.principal(DEFAULT_TENANT, is_authenticated=False)
         digest = hash_key(key)

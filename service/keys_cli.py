@@ -19,7 +19,9 @@ from service.auth import (
     generate_key,
     hash_key,
     keys_file_line,
+    keys_file_readable_warning,
     keys_file_text,
+    keys_file_writable_warning,
     parse_keys_file,
     redis_connection_options,
     redis_keys_hash,
@@ -173,10 +175,22 @@ def keys_command(argv: list[str], *, prog: str = "python -m service keys") -> in
         "(delete it there to revoke the key); the key itself is shown only this once",
         file=sys.stderr,
     )
+    if where != "redis":
+        warning = _loose_permissions_warning(Path(where))
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
     if config.tenants and args.tenant not in config.tenants:
         # Allowed (tenants need an entry only for limits), but a typo would look the same.
         print(_unlisted_note(config, args.tenant, args.config), file=sys.stderr)
     return 0
+
+
+def _loose_permissions_warning(path: Path) -> str | None:
+    """What is wrong with the permissions of the keys file just written to, the worse
+    first. A file made here is the owner's alone, but one already there keeps its own:
+    they are not tightened, as a gateway running as another user may read it through its
+    group, and so a chmod is the operator's to make."""
+    return keys_file_writable_warning(path) or keys_file_readable_warning(path)
 
 
 def _unlisted_note(config: GatewayConfig, tenant: str, path: str) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from service import early_signals
@@ -64,6 +65,7 @@ def serve_command(args: argparse.Namespace) -> int:
         configure_logging(args.log_level, writer=SUPERVISOR)
     _log_worker_count(config, count, why)
     _warn_of_unknown_context(config)
+    _warn_of_writable_keys_file(config)
     config = dataclasses.replace(config, server=dataclasses.replace(server, workers=count))
     from service.hosts import ListenError
     from service.local_model import LocalModelUnavailable, refuse_a_bad_model_file
@@ -112,6 +114,19 @@ def _warn_of_unknown_context(config: GatewayConfig) -> None:
             "telemetry.unknown_context",
             extra={"variable": CONTEXT, "context": name, "used": DEFAULT_CONTEXT},
         )
+
+
+def _warn_of_writable_keys_file(config: GatewayConfig) -> None:
+    """`auth.keys_file_writable` (a warning, once, from the supervisor) for a keys file
+    its group or every user may write: any of them can add a key, for any tenant."""
+    from service.auth import keys_file_writable_warning
+
+    if config.auth.keys_file:
+        problem = keys_file_writable_warning(Path(config.auth.keys_file).expanduser())
+        if problem is not None:
+            logging.getLogger("llm_gateway.auth").warning(
+                "auth.keys_file_writable", extra={"problem": problem}
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -332,7 +332,14 @@ class ResponseCache:
                 replaces=True,  # REFRESH: BYPASS, the other mode that does not read, left above
             )
             return completion
-        cached = await self._read(key)
+        try:
+            cached = await self._read(key)
+        except BaseException:
+            # Cancelled while the store read (a slow Redis, a short deadline): no answer
+            # came from the cache, and its lookup must count under some result, or the
+            # results would not add up to the lookups. A try costs nothing till it catches.
+            self.stats.misses += 1
+            raise
         if cached is not None:
             elapsed = self._elapsed_ms(started)
             return cached.served_from_cache(total_ms=elapsed, first_token_ms=elapsed)
@@ -392,7 +399,11 @@ class ResponseCache:
                 async for event in events:
                     yield event
             return
-        cached = await self._read(key)
+        try:
+            cached = await self._read(key)
+        except BaseException:
+            self.stats.misses += 1  # as in `complete`
+            raise
         if cached is not None:
             first_token_ms: float | None = None
             for delta in cached.replay():

@@ -14,7 +14,8 @@ class CacheStats:
     hits: answers served from the store. misses: reads that found nothing (or an
     unreadable entry) and called upstream. coalesced: reads that found nothing and joined
     an identical in-flight call instead of calling upstream. A read that found nothing
-    counts once, when its caller's call ends, as its last try. errors: store operations
+    counts once, when its caller's call ends, as its last try; a call cancelled while the
+    store reads, as a miss (no answer came from the cache). errors: store operations
     that failed or timed out (the request went on without the cache). unavailable:
     operations skipped while the store cooled down after an error. stores: entries
     written. skipped: answers not stored (finish reason, size). bytes_read /

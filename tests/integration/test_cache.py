@@ -26,6 +26,7 @@ from tests.conftest import (
     gateway_config,
     gateway_config_data,
 )
+from tests.counting_relay import CountingRelay
 from tests.fake_upstream import CutStream, EndWithoutDone, FakeUpstream, Reply, Status
 from tests.integration.test_resilience import error_details
 from tests.redis_server import RedisServer
@@ -771,6 +772,44 @@ async def test_redis_stopped_mid_test_degrades_to_upstream(
     assert not streamed[-1].final.cache_hit
     assert len(upstream.requests) == 3
     assert cache_of(gateway).stats.errors >= 2
+
+
+@pytest.mark.parametrize("is_stream", [False, True], ids=["unary", "stream"])
+async def test_a_call_cancelled_while_redis_reads_counts_as_one_miss(
+    upstream: FakeUpstream,
+    start_gateway: Callable[..., Any],
+    redis_server: RedisServer,
+    is_stream: bool,
+) -> None:
+    """A call cancelled while its cache read waits on a stopped Redis counts as one
+    lookup, a miss (no answer came from the cache), so that hits, misses and coalesced
+    still add up to the lookups. Before, it counted under none of them."""
+    captured = captured_telemetry()
+    relay = CountingRelay(f"127.0.0.1:{redis_server.port}")
+    async with relay as address:
+        cache = {"backend": "redis", "redis_url": f"redis://{address}/0", "operation_timeout_s": 60}
+        gateway: RunningGateway = await start_gateway(
+            gateway_config(upstream.base_url, cache=cache), telemetry=captured.telemetry
+        )
+        redis_server.pause()
+        try:
+            if is_stream:
+                call: Any = gateway.stub.CompleteStream(chat_stream("Say hi", params=DETERMINISTIC))
+                pending = asyncio.ensure_future(call.read())
+            else:
+                call = gateway.stub.Complete(ask())
+                pending = asyncio.ensure_future(call)
+            await eventually(lambda: b"GET" in relay.sent_bytes)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            stats = cache_of(gateway).stats
+            await eventually(lambda: stats.hits + stats.misses + stats.coalesced == 1)
+        finally:
+            redis_server.resume()
+        assert (stats.hits, stats.misses, stats.coalesced) == (0, 1, 0)
+        assert captured.total("llm_gateway.cache.lookups") == 1
+        assert upstream.requests == []
 
 
 async def _cache_one_answer_and_rewrite_it(

@@ -114,6 +114,49 @@ def test_keys_create_names_the_digest_that_revokes_the_key(tmp_path, capsys):
     assert key not in printed.err
 
 
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        (0o644, "(mode 0644) is readable by every user"),
+        (0o664, "(mode 0664) is writable by its group"),
+        (0o666, "(mode 0666) is writable by every user"),
+        (0o640, None),
+    ],
+    ids=["world-readable", "group-writable", "world-writable", "group-readable"],
+)
+def test_keys_create_warns_of_an_existing_keys_file_open_to_others(tmp_path, capsys, mode, said):
+    """A keys file already there that every user may read, or its group or every user
+    may write, gets its key all the same, with one warning line naming its mode and
+    `chmod 600`; its mode is left as it is (a gateway may read it through its group).
+    Before, a 0644 file stayed world-readable without a word."""
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("")
+    keys_file.chmod(mode)
+    config = _write_config(tmp_path / "gw.yaml", {"mode": "keys", "keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "team-a", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    register_secret(printed.out.strip())
+    warnings = [line for line in printed.err.splitlines() if line.startswith("warning:")]
+    if said is None:
+        assert warnings == []
+    else:
+        assert warnings == [warnings[0]]
+        assert f"auth.keys_file {keys_file} {said}" in warnings[0]
+        assert f"chmod 600 {keys_file}" in warnings[0]
+    assert keys_file.stat().st_mode & 0o777 == mode
+
+
+def test_keys_create_makes_a_new_keys_file_without_a_warning(tmp_path, capsys):
+    """A keys file `keys create` makes is its owner's alone, so nothing is warned of."""
+    keys_file = tmp_path / "keys.txt"
+    config = _write_config(tmp_path / "gw.yaml", {"mode": "keys", "keys_file": str(keys_file)})
+    assert keys_command(["create", "--tenant", "team-a", "--config", str(config)]) == 0
+    printed = capsys.readouterr()
+    register_secret(printed.out.strip())
+    assert "warning" not in printed.err
+    assert keys_file.stat().st_mode & 0o077 == 0
+
+
 def test_llm_gateway_keys_create_issues_a_key_as_python_m_service_does(tmp_path, capsys):
     """`llm-gateway keys create` (the console script every other command is under) issues
     a key whose digest lands in the keys file, and names itself in its usage errors.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -791,6 +792,71 @@ async def test_node_example_takes_its_address_from_the_python_clis_variable(
     from_flag = await run_program(example, "--address", address, *args, env=nowhere)
     assert from_flag.splitlines()[0] == "complete: Hello from fake"
     assert len(upstream.requests) == 4
+
+
+class DeadlineRecordingService(pb_grpc.CompletionServiceServicer):
+    """Records the time each Complete call had left as it arrived, and refuses it."""
+
+    def __init__(self) -> None:
+        self.time_remaining_s: list[float | None] = []
+
+    async def Complete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self.time_remaining_s.append(context.time_remaining())
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
+
+
+@contextlib.asynccontextmanager
+async def deadline_recording_server() -> AsyncIterator[tuple[str, DeadlineRecordingService]]:
+    """A `DeadlineRecordingService` on loopback: its address, and it."""
+    server = grpc.aio.server()
+    service = DeadlineRecordingService()
+    pb_grpc.add_CompletionServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", service
+    finally:
+        await server.stop(grace=None)
+
+
+async def test_node_example_gives_its_calls_the_python_clis_timeout(
+    node_scenarios: NodeScenarios,
+) -> None:
+    """The example's call has a deadline 300 s away, as the Python CLI's (the deadline
+    the call arrives with, not a time measured), or `--timeout SECONDS`'s; a timeout that
+    is no number, not above 0 or past 1e6 s is a bad option, exit 2 before any call.
+    Before, each call had a fixed 60 s deadline and `--timeout` was an unknown option."""
+    example = node_scenarios.example
+    async with deadline_recording_server() as (address, service):
+        for timeout in ([], ["--timeout", "7.5"]):
+            returncode, _, stderr = await run_process(example, "--address", address, *timeout)
+            assert (returncode, stderr.splitlines()[0]) == (1, "error: INVALID_ARGUMENT: refused")
+        for bad, said in [
+            ("x", "'x' is not a number of seconds"),
+            ("0", "0 is not above 0 and at most 1e+06"),
+            ("2e6", "2e6 is not above 0 and at most 1e+06"),
+        ]:
+            returncode, _, stderr = await run_process(
+                example, "--address", address, "--timeout", bad
+            )
+            assert (returncode, stderr) == (2, f"example: --timeout: {said}\n")
+    default_s, given_s = service.time_remaining_s
+    assert default_s is not None
+    assert 240 < default_s <= 300
+    assert given_s is not None
+    assert 0 < given_s <= 7.5
+
+
+async def test_node_example_names_the_address_variable_whose_value_it_refuses(
+    node_scenarios: NodeScenarios,
+) -> None:
+    """An invalid $LLM_GATEWAY_ADDRESS is a bad option naming the variable, exit 2, as in
+    the Python CLI. Before, it was refused as though an `--address` had been given."""
+    example = node_scenarios.example
+    env = {"LLM_GATEWAY_ADDRESS": "127.0.0.1:70000"}
+    returncode, stdout, stderr = await run_process(example, "Say hi", env=env)
+    said = 'environment variable LLM_GATEWAY_ADDRESS: "127.0.0.1:70000": the port must be 0..65535'
+    assert (returncode, stdout, stderr) == (2, "", f"example: {said}\n")
 
 
 async def test_node_example_takes_its_api_key_from_the_flag_or_the_python_clis_variable(

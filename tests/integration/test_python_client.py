@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway_client import (
@@ -1166,6 +1166,41 @@ async def test_the_retry_elsewhere_trailer_is_read_beside_details_that_are_not(
             await client.complete("Say hi", model=FAKE_MODEL)
     expected = ErrorDetails(code="INVALID_ARGUMENT", message="refused", retry_elsewhere=True)
     assert error_details(refused.value) == expected
+
+
+async def test_details_whose_message_a_proxy_rewrote_are_still_read() -> None:
+    """A call failed with a details trailer of its own code but another message than the
+    call's (a proxy on the way rewrote the message) gives the trailer's RetryInfo and
+    ErrorInfo, with the call's own message, from `complete` and a stream, as the Node
+    client, which checks the code alone, does. Before, grpc_status refused the trailer
+    (ValueError) and the details were dropped: a caller lost the wait it was asked for."""
+    info, retry = any_pb2.Any(), any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain="llmgateway.v1"))
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=7)))
+    status = status_pb2.Status(
+        code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        message="the gateway's own words, which the proxy replaced",
+        details=[info, retry],
+    )
+    async with (
+        garbled_details_server(status.SerializeToString()) as address,
+        GatewayClient(address) as client,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await client.complete("Say hi", model=FAKE_MODEL)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            async for _ in client.stream("Say hi", model=FAKE_MODEL):
+                pass
+    expected = ErrorDetails(
+        code="INVALID_ARGUMENT",
+        message="refused",
+        reason="RATE_LIMITED",
+        domain="llmgateway.v1",
+        retry_after_s=7.0,
+    )
+    for error in (unary.value, streamed.value):
+        assert error.details() == "refused"
+        assert error_details(error) == expected
 
 
 async def test_a_detail_that_does_not_decode_is_left_out_and_the_others_kept() -> None:

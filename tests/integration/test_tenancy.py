@@ -186,6 +186,21 @@ async def test_a_flood_of_unknown_keys_logs_one_rejection(upstream, start_gatewa
     assert upstream.requests == []
 
 
+async def test_an_over_long_key_is_logged_as_a_rejection(upstream, start_gateway, caplog):
+    """A key over 512 characters, refused without a lookup, is logged `auth.rejected` by
+    its SHA-256 prefix, never itself, and counted in the lines' throttling as any unknown
+    key is. Before, it was refused without a line: unknown keys went unseen in the log."""
+    caplog.set_level(logging.INFO, logger="llm_gateway.auth")
+    gw = await start_gateway(secure_config(upstream.base_url))
+    huge = ["k" * 5000, "j" * 513]
+    for key in huge:
+        error = await rpc_error(gw.stub.Complete(chat(), metadata=bearer(key)))
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    await gw.server.stop(grace_s=0)  # tells the one left out
+    assert _rejection_lines(caplog) == [(hash_key(huge[0])[:8], 0), (hash_key(huge[1])[:8], 0)]
+    assert not any("k" * 100 in r.getMessage() + repr(r.__dict__) for r in caplog.records)
+
+
 def _rejection_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int]]:
     """Each `auth.rejected` line as (its key's SHA-256 prefix, `suppressed`)."""
     return [

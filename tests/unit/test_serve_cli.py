@@ -1299,3 +1299,65 @@ def test_serve_warns_once_of_a_runtime_context_no_package_provides(tmp_path: Pat
     [warning] = [line for line in err.splitlines() if "telemetry.unknown_context" in line]
     said = "variable=OTEL_PYTHON_CONTEXT context=greenlet_context used=contextvars_context"
     assert said in warning
+
+
+def _keys_file_of_mode(tmp_path: Path, mode: int) -> Path:
+    """A config (no upstream, auth on) whose keys file holds one key and has `mode`."""
+    keys = tmp_path / "keys"
+    keys.write_text("a" * 64 + " team-a\n")
+    keys.chmod(mode)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n"
+        f"auth: {{mode: keys, keys_file: '{keys}'}}\n"
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    ("mode", "writers"),
+    [(0o620, "its group"), (0o602, "every user"), (0o600, None)],
+    ids=["group-writable", "world-writable", "owner-only"],
+)
+def test_check_warns_of_a_keys_file_others_may_write(
+    tmp_path: Path, mode: int, writers: str | None
+) -> None:
+    """`check` warns of a keys file its group or every user may write (whoever can write
+    it can add a key for any tenant), naming its mode and the chmod that mends it, and
+    still says ok. Before, it said nothing."""
+    config = _keys_file_of_mode(tmp_path, mode)
+    done = subprocess.run(
+        [sys.executable, *_COMMANDS["check"], "--config", str(config)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "keys_file_writable" in line]
+    if writers is None:
+        assert warned == []
+        return
+    keys = tmp_path / "keys"
+    assert warned == [
+        f"warning: auth.keys_file {keys} (mode {mode:04o}) is writable by {writers}: whoever "
+        f"can write it can give themselves a key for any tenant; chmod 600 {keys} (640 if "
+        "the gateway reads it through its group) (auth.keys_file_writable)"
+    ]
+
+
+def test_serve_warns_once_of_a_keys_file_others_may_write(tmp_path: Path) -> None:
+    """`serve` with a keys file every user may write serves, having logged one
+    `auth.keys_file_writable` warning naming the file and its mode. Before, it said
+    nothing: anyone on the machine could add a key unseen."""
+    config = _keys_file_of_mode(tmp_path, 0o666)
+    serve = subprocess.Popen(
+        [sys.executable, *_COMMANDS["serve"], "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        assert "listening on" in serve.stdout.readline()
+    finally:
+        serve.terminate()
+        _, err = serve.communicate(timeout=30)
+    [warning] = [line for line in err.splitlines() if "auth.keys_file_writable" in line]
+    assert "WARNING" in warning
+    assert f"{tmp_path / 'keys'} (mode 0666) is writable by every user" in warning

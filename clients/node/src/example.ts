@@ -2,15 +2,18 @@
  * Example: call the gateway from Node.js.
  *
  *   node clients/node/dist/clients/node/src/example.js [--address HOST:PORT] [--model NAME]
- *     [--api-key KEY] [--tls] [--ca-file PEM] [--cert-file PEM --key-file PEM] [PROMPT]
+ *     [--api-key KEY] [--timeout SECONDS] [--tls] [--ca-file PEM]
+ *     [--cert-file PEM --key-file PEM] [PROMPT]
  *
  * Runs one unary Complete, then the same prompt as a CompleteStream printing deltas as
  * they arrive, then prints usage and cost. A failed call prints its decoded
  * `google.rpc.Status` details (field violations, retry delay, quota violations).
  *
  * `--model` defaults, as in the Python CLI, to gemma-3-270m (the quick start's local model).
- * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051;
- * `--api-key` (a gateway with `auth.mode: keys`) to $LLM_GATEWAY_API_KEY.
+ * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051
+ * (an invalid value of the variable is a bad option naming it, as in the Python CLI);
+ * `--api-key` (a gateway with `auth.mode: keys`) to $LLM_GATEWAY_API_KEY. `--timeout` is
+ * each call's, in seconds, above 0 and at most 1e6, 300 by default, as the Python CLI's.
  *
  * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
  * gateway against the system's CAs, `--ca-file` ($LLM_GATEWAY_CA_FILE) against this CA,
@@ -25,13 +28,22 @@
  */
 import * as util from "node:util";
 
-import { GatewayCallError, GatewayClient, Role, TlsOptions } from "./client";
+import {
+  checkAddress,
+  DEFAULT_TIMEOUT_MS,
+  GatewayCallError,
+  GatewayClient,
+  MAX_TIMEOUT_MS,
+  Role,
+  TlsOptions,
+} from "./client";
 
 interface Args {
   address: string;
   apiKey: string | undefined;
   model: string;
   prompt: string;
+  timeoutMs: number;
   tls: TlsOptions | undefined;
 }
 
@@ -42,7 +54,56 @@ interface Args {
 const DEFAULT_MODEL = "gemma-3-270m";
 const YES = new Set(["1", "true", "yes", "on"]);
 const NO = new Set(["", "0", "false", "no", "off"]);
-const TAKES_A_VALUE = ["--address", "--api-key", "--model", "--ca-file", "--cert-file", "--key-file"];
+const TAKES_A_VALUE = [
+  "--address",
+  "--api-key",
+  "--model",
+  "--timeout",
+  "--ca-file",
+  "--cert-file",
+  "--key-file",
+];
+/** A number as Python's float() reads one (not Number's "0x10", "" or "1e"). */
+const DECIMAL = /^\s*[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?\s*$/i;
+const MAX_TIMEOUT_S = MAX_TIMEOUT_MS / 1000;
+
+/**
+ * `--timeout SECONDS` as milliseconds; left out, the Python CLI's default, 300 s (the
+ * client's own). A value that is no number, not above 0 or past 1e6 s is a bad option
+ * before any call, as in the Python CLI; before, every call had a fixed 60 s.
+ */
+function timeoutMsOf(value: string | undefined): number {
+  if (value === undefined) {
+    return DEFAULT_TIMEOUT_MS;
+  }
+  if (!DECIMAL.test(value)) {
+    throw new Error(`--timeout: '${value}' is not a number of seconds`);
+  }
+  const seconds = Number(value);
+  if (!(seconds > 0 && seconds <= MAX_TIMEOUT_S)) {
+    throw new Error(`--timeout: ${value.trim()} is not above 0 and at most 1e+06`);
+  }
+  return seconds * 1000;
+}
+
+/**
+ * `--address`, else $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051. The variable's value is
+ * checked here, where its refusal can name it, as the Python CLI's does: the client's
+ * own said the port was wrong, and left the reader looking for an --address never given.
+ */
+function addressOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): string {
+  const flag = flags.get("--address");
+  if (flag !== undefined) {
+    return flag; // checked by the client, its refusal quoting what was typed
+  }
+  const value = env.LLM_GATEWAY_ADDRESS || "127.0.0.1:50051";
+  try {
+    checkAddress(value);
+  } catch (error) {
+    throw new Error(`environment variable LLM_GATEWAY_ADDRESS: ${(error as Error).message}`);
+  }
+  return value;
+}
 
 /** $LLM_GATEWAY_TLS on or off; neither is an error, as plaintext would be a guess. */
 function tlsFromEnv(env: NodeJS.ProcessEnv): boolean {
@@ -108,10 +169,11 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
     }
   }
   return {
-    address: flags.get("--address") ?? (env.LLM_GATEWAY_ADDRESS || "127.0.0.1:50051"),
+    address: addressOf(flags, env),
     apiKey: flags.get("--api-key") ?? (env.LLM_GATEWAY_API_KEY || undefined),
     model: flags.get("--model") ?? DEFAULT_MODEL,
     prompt: rest.length > 0 ? rest.join(" ") : "Say hi",
+    timeoutMs: timeoutMsOf(flags.get("--timeout")),
     tls: tlsOf(flags, env),
   };
 }
@@ -214,14 +276,14 @@ async function main(): Promise<void> {
   try {
     const { response } = await client.complete(
       { model: args.model, messages },
-      { timeoutMs: 60_000 },
+      { timeoutMs: args.timeoutMs },
     );
     console.log(`complete: ${response.content}`);
 
     process.stdout.write("stream:   ");
     for await (const event of client.completeStream(
       { model: args.model, messages },
-      { timeoutMs: 60_000 },
+      { timeoutMs: args.timeoutMs },
     )) {
       if (event.kind === "delta") {
         process.stdout.write(event.content);

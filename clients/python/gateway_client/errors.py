@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 # Sent with a refusal of one replica's own (overloaded, shutting down, at its own limit for
 # every upstream of the model): another replica may take the call.
 RETRY_ELSEWHERE_TRAILER = "llm-gateway-retry-elsewhere"
+# Where gRPC servers send a failed call's `google.rpc.Status`.
+_DETAILS_TRAILER = "grpc-status-details-bin"
 # A `google.rpc.Status` code's name, as `grpc.StatusCode` spells it.
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -68,19 +69,35 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
         retry_elsewhere=_says_retry_elsewhere(error),
     )
     try:
-        status = rpc_status.from_call(error)
-    except ValueError:
-        # The details are of another code than the call's: its deadline passed as the
-        # gateway sent its error, and gRPC's DEADLINE_EXCEEDED won. They do not apply.
-        return base
+        status = _trailer_status(error)
     except DecodeError:
         # The trailer is no `google.rpc.Status` (a proxy's garbage): the code and message
         # still say what failed.
         return base
-    if status is None:
+    if status is None or code is None or status.code != code.value[0]:
+        # The details are of another code than the call's: its deadline passed as the
+        # gateway sent its error, and gRPC's DEADLINE_EXCEEDED won. They do not apply.
         return base
+    # Of the call's code, they are read whatever its message: grpc_status's `from_call`
+    # refused a status whose message was not the call's, so a proxy that rewrote the
+    # message lost the caller its RetryInfo and ErrorInfo (the Node client checks the
+    # code alone). The message is the call's own, as `error.details()` says it.
     details = status_details(status)
-    return dataclasses.replace(details, code=base.code, retry_elsewhere=base.retry_elsewhere)
+    return dataclasses.replace(
+        details, code=base.code, message=base.message, retry_elsewhere=base.retry_elsewhere
+    )
+
+
+def _trailer_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    """The `google.rpc.Status` of the call's `grpc-status-details-bin` trailer, or None.
+
+    Raises:
+        DecodeError: the trailer is no `google.rpc.Status`.
+    """
+    for key, value in error.trailing_metadata() or ():
+        if key == _DETAILS_TRAILER and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
 
 
 def status_details(status: status_pb2.Status) -> ErrorDetails:

@@ -11,8 +11,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from gateway_client.commands import check_options
+from service.auth import keys_file_writable_warning
 from service.config import ConfigError, GatewayConfig, UpstreamConfig, load_config
 from service.errors import UpstreamError
 from service.hosts import ListenError
@@ -172,6 +174,15 @@ def _warn_of_unknown_context(config: GatewayConfig) -> None:
         )
 
 
+def _warn_of_writable_keys_file(config: GatewayConfig) -> None:
+    """Say on stderr that the keys file's group or every user may write it, as `serve`
+    warns `auth.keys_file_writable`: any of them can add a key, for any tenant."""
+    if config.auth.keys_file:
+        problem = keys_file_writable_warning(Path(config.auth.keys_file).expanduser())
+        if problem is not None:
+            print(f"warning: {problem} (auth.keys_file_writable)", file=sys.stderr)
+
+
 def format_checks(checks: list[UpstreamCheck]) -> str:
     """The checks as an aligned text table."""
     rows = [("UPSTREAM", "REACHABLE", "KEY", "MODELS", "LATENCY", "PROBLEM")]
@@ -221,6 +232,7 @@ async def check_command(args: argparse.Namespace) -> int:
     _warn_of_state_per_worker(config, workers)
     _warn_of_taken_ports(config)
     _warn_of_unknown_context(config)
+    _warn_of_writable_keys_file(config)
     # What `serve` would exit 1 on, where this said the local model would serve.
     problem = start_problem(config.local_model) if config.wants_local_model else None
     if problem is not None:
