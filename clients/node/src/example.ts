@@ -23,8 +23,8 @@
  * taken for the next option, and the one before it lacks its value.
  * A bad option (an unknown one too, or one without its value) exits 2, a failed call 1,
  * one piped into a reader that left (`| head`) 141, one whose output cannot be written
- * (a full disk) 1, saying so, and one stopped by Ctrl-C 130, its call cancelled, as the
- * Python CLI.
+ * (a full disk) 1, saying so, and one stopped by Ctrl-C ends by SIGINT (130 in the shell),
+ * its call cancelled, as the Python CLI.
  */
 import * as util from "node:util";
 
@@ -243,25 +243,34 @@ function endForOutput(error: NodeJS.ErrnoException): never {
   process.exit(1);
 }
 
-/** Set by the first Ctrl-C: the call it cancelled ends the program 130, saying nothing. */
+/** Set by the first Ctrl-C: the call it cancelled ends the program by SIGINT, saying nothing. */
 let isInterrupted = false;
 
 /**
  * Ctrl-C (SIGINT) ends the program as it ends the Python CLI: the call in flight cancelled
- * (the gateway closes its upstream request), exit status 130, nothing said; a second one
- * exits at once. Before, Node died by the signal itself, its call never cancelled.
+ * (the gateway closes its upstream request), then the program ended by SIGINT itself
+ * (`endByCtrlC`), nothing said; a second one ends it at once. Before, Node died by the
+ * signal before it cancelled its call.
  */
 function stopOnCtrlC(client: GatewayClient): void {
   process.on("SIGINT", () => {
     if (isInterrupted) {
-      process.exit(130);
+      endByCtrlC();
     }
     isInterrupted = true;
-    process.exitCode = 130;
-    // Each call fails CANCELLED, which main's catch leaves unsaid; the program ends as
-    // its channel closes.
+    // Each call fails CANCELLED, which main's catch ends the program for, saying nothing.
     client.close();
   });
+}
+
+/**
+ * End the program by SIGINT, as the Python CLI does (the shell's `$?` is 130): a shell
+ * running it in a script stops the script only when the command died of the signal; one
+ * that exits 130 is taken to have handled it, and a loop of calls went on, each paid for.
+ */
+function endByCtrlC(): void {
+  process.removeAllListeners("SIGINT"); // Node's default: the signal ends the process
+  process.kill(process.pid, "SIGINT");
 }
 
 async function main(): Promise<void> {
@@ -301,7 +310,9 @@ async function main(): Promise<void> {
       endForOutput(error);
     }
     if (isInterrupted) {
-      return; // its exit status, 130, is set
+      client.close();
+      endByCtrlC();
+      return;
     }
     printError(error);
     process.exitCode = 1;
