@@ -1144,8 +1144,11 @@ class StreamParser:
             raise MalformedReply("not a JSON object")
         if event.get("error"):  # also beside choices (OpenRouter); `"error": null` is none
             raise ReportedError(data)
+        # Each from the first event that gives it: a role chunk may name no model, and a
+        # server that sends no id would have a usage chunk without a model unname it.
         if not self.id:
             self.id = _informational(event.get("id"))
+        if not self.model:
             self.model = _informational(event.get("model"))
         if event.get("usage"):
             self._take_usage(usage(event["usage"]))

@@ -337,6 +337,47 @@ async def test_an_event_with_empty_data_is_skipped(
     assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 2)
 
 
+def named(content: str | None, finish: str | None = None, **names: str) -> bytes:
+    """A chunk that names its `id` and `model` only as `names` say."""
+    delta = {} if content is None else {"content": content}
+    return event({**names, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+UNNAMED_USAGE = event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            named(None, id="c1") + named("Hello", "stop", id="c1", model="real-7b") + DONE,
+            id="role-chunk-without-model",
+        ),
+        pytest.param(
+            named("Hel", id="", model="real-7b")
+            + named("lo", "stop", id="", model="real-7b")
+            + UNNAMED_USAGE
+            + DONE,
+            id="no-id-and-a-usage-chunk-without-model",
+        ),
+        pytest.param(
+            named("Hel", id="c\x1b[2J", model="real-7b")
+            + named("lo", "stop", id="c\x1b[2J")
+            + DONE,
+            id="unprintable-id-and-a-chunk-without-model",
+        ),
+    ],
+)
+async def test_a_streams_model_is_the_one_its_events_named(
+    start_gateway: Callable[..., Any], body: bytes
+) -> None:
+    """A stream's model is the first its events name, wherever that is: the caller (and
+    the cache, and the spans) were told the model the gateway asked for when the event
+    that gave the id named none, or a later one without an id named none."""
+    final = await relayed_cleanly(start_gateway, body, "Hello")
+    assert final.model == "real-7b"
+
+
 @pytest.mark.parametrize("framing", ["chunked", "length", "close"])
 @pytest.mark.parametrize(
     "done", [b"data: [DONE]", b"data: [DONE]\n", b"data: [DONE]\r\n"], ids=repr
