@@ -32,6 +32,8 @@ _LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")  # fullmatch: `$` passes a fi
 # C0 controls other than tab, LF and CR, DEL, and C1 controls.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _CONTROL_RUN = re.compile(_CONTROL.pattern + "+")
+# What `_CONTROL` refuses, as a violation says it: a stop sequence may be "\n".
+_NO_CONTROLS = "no control characters but tab, CR and LF"
 # A character a reader sees: neither whitespace nor one Unicode has rendered as nothing
 # (Default_Ignorable_Code_Point: a soft hyphen, a zero-width space or joiner, a
 # direction mark, Arabic's among them, a variation selector, a Hangul filler, a tag, a
@@ -245,7 +247,7 @@ def chat_request_violations(
             found.append(
                 FieldViolation(
                     f"params.stop[{index}]",
-                    f"must be 1 to {limits.max_stop_length} printable characters",
+                    f"must be 1 to {limits.max_stop_length} characters, {_NO_CONTROLS}",
                 )
             )
     if request.labels:

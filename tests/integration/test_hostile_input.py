@@ -101,6 +101,25 @@ async def test_each_limit_is_an_invalid_argument_naming_the_field(
     assert upstream.requests == []
 
 
+async def test_a_refused_stop_sequence_is_told_the_rule_a_line_break_passes(upstream, gateway):
+    """A stop sequence may hold a line break (the commonest stop, "\n"), as the README's
+    request limits say; one with an escape is refused, and its violation says so.
+
+    Before, it said the sequence must be "printable characters": a line break is not one,
+    so a caller told so dropped the "\n" stops it needed."""
+    params = pb.GenerationParams(stop=["\n", "\x1b[0m"])
+    error = await rpc_error(gateway.stub.Complete(chat(params=params)))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    (violation,) = detail(error, error_details_pb2.BadRequest).field_violations
+    assert violation.field == "params.stop[1]"
+    assert violation.description == (
+        "must be 1 to 256 characters, no control characters but tab, CR and LF"
+    )
+    assert upstream.requests == []
+    await gateway.stub.Complete(chat(params=pb.GenerationParams(stop=["\n"])))
+    assert upstream.requests[0].body["stop"] == ["\n"]
+
+
 async def test_a_schema_name_counts_toward_the_prompt_token_limit(upstream, start_gateway):
     """A JSON Schema answer format's name is prompt too: a request whose estimate is over
     `max_prompt_tokens` only with it (64 digits, a token each) is refused, not sent on."""
