@@ -120,10 +120,11 @@ def test_a_caller_key_holding_bytes_that_are_not_utf8_is_refused_without_showing
     refused as any key gRPC metadata cannot carry. Before, the text check came first and
     named the key's byte and where it stood in the key: `a lone surrogate '\\udce9' at
     index 13`."""
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(ValueError, match="characters gRPC metadata cannot carry") as refused:
         GatewayClient("127.0.0.1:9", api_key="llmgw_secret" + NOT_UTF8)
-    message = str(refused.value)
-    assert message == "the caller key has characters gRPC metadata cannot carry (a stray newline?)"
+    assert str(refused.value) == (
+        "the caller key has characters gRPC metadata cannot carry (a stray newline?)"
+    )
 
 
 async def test_number_and_time_arguments_are_named_when_malformed() -> None:
