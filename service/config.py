@@ -2031,6 +2031,9 @@ def _exponent_misreading(value: object, tp: type[float] | type[int]) -> str | No
     else:
         mantissa, exponent = re.split("[eE]", value)
         mantissa += "" if "." in mantissa else ".0"
+        # A digit before the dot: YAML 1.1 reads `.5e+1` but not `-.5e+1`, whose error
+        # told its writer to write it as written.
+        mantissa = re.sub(r"^([-+]?)\.", r"\g<1>0.", mantissa)
         write = f"{mantissa}e{'' if exponent[0] in '+-' else '+'}{exponent}"
     problem = f"{value} is no number in YAML 1.1, which reads an exponent only after a dot "
     return problem + f"and with its sign: write {write}"

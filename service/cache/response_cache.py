@@ -59,6 +59,8 @@ _MS = 1000.0
 # one-character pieces are not held as as many strings. A hit replays an answer streamed
 # in fewer as it came.
 MAX_CACHED_DELTAS = 4096
+# The first fold joins the `FOLDED_EVERY` that came after those, not the last of them.
+_FIRST_FOLD_AT = MAX_CACHED_DELTAS + FOLDED_EVERY
 # How long, and for how many keys, `recall` reuses an answer a store read returned.
 RECENT_READ_S = 1.0
 _RECENT_READS = 256
@@ -419,7 +421,7 @@ class ResponseCache:
 
         async def call(publish: Callable[[Delta], None]) -> CachedAnswer:
             deltas: list[str] = []
-            held, fold_at = 0, MAX_CACHED_DELTAS  # deltas since the last fold; when to fold
+            held, fold_at = 0, _FIRST_FOLD_AT  # deltas since the last fold; when to fold
             completion: Completion | None = None
             async with contextlib.aclosing(fetch()) as events:
                 async for event in events:
@@ -487,7 +489,7 @@ class ResponseCache:
         self, key: str, request: ChatRequest, fetch: FetchStream
     ) -> AsyncGenerator[Delta | Completion, None]:
         deltas: list[str] = []
-        held, fold_at = 0, MAX_CACHED_DELTAS  # deltas since the last fold; when to fold
+        held, fold_at = 0, _FIRST_FOLD_AT  # deltas since the last fold; when to fold
         async with contextlib.aclosing(fetch()) as events:
             async for event in events:
                 if isinstance(event, Completion):

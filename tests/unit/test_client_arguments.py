@@ -115,6 +115,18 @@ def test_a_caller_key_that_is_not_a_str_is_named_without_repeating_it(api_key: A
         GatewayClient("127.0.0.1:9", api_key=api_key)
 
 
+def test_a_caller_key_holding_bytes_that_are_not_utf8_is_refused_without_showing_them() -> None:
+    """A key read from a file or variable whose bytes are not UTF-8 (a lone surrogate) is
+    refused as any key gRPC metadata cannot carry. Before, the text check came first and
+    named the key's byte and where it stood in the key: `a lone surrogate '\\udce9' at
+    index 13`."""
+    with pytest.raises(ValueError, match="characters gRPC metadata cannot carry") as refused:
+        GatewayClient("127.0.0.1:9", api_key="llmgw_secret" + NOT_UTF8)
+    assert str(refused.value) == (
+        "the caller key has characters gRPC metadata cannot carry (a stray newline?)"
+    )
+
+
 async def test_number_and_time_arguments_are_named_when_malformed() -> None:
     """A summary's `target_tokens`, `cache_ttl_s`, a batch's `concurrency`, `usage`'s
     `since` and `until`, and `timeout_s` are named in their TypeError (or, out of their

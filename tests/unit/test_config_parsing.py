@@ -2009,6 +2009,19 @@ def test_parse_config_leaves_the_data_it_is_given_as_it_was():
             "5e-1 is no number in YAML 1.1, which reads an exponent only after a dot and "
             "with its sign: write 5.0e-1",
         ),
+        # YAML 1.1 reads no sign before a leading dot: the error said to write the same.
+        (
+            "server: {grace_period_s: -.5e+1}",
+            "server.grace_period_s",
+            "-.5e+1 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write -0.5e+1",
+        ),
+        (
+            "upstreams: [{name: up, base_url: 'http://h/v1', models: [m], timeout_s: .5e1}]",
+            "upstreams[0].timeout_s",
+            ".5e1 is no number in YAML 1.1, which reads an exponent only after a dot and "
+            "with its sign: write 0.5e+1",
+        ),
         (
             "resilience: {attempts: 1e1}",
             "resilience.attempts",

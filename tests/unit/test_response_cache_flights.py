@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 import pytest
 
 from service.cache import CacheStore, ResponseCache
+from service.cache.response_cache import MAX_CACHED_DELTAS
 from service.clock import Deadline
 from service.config import CacheConfig
 from service.domain import (
+    FOLDED_EVERY,
     ChatRequest,
     Completion,
+    Delta,
     FinishReason,
     GenerationParams,
     Message,
@@ -104,4 +108,33 @@ async def test_a_read_that_missed_the_answer_its_shared_call_stored_meanwhile_re
     answer = await asyncio.wait_for(second, timeout=5)
     assert (first.is_cache_hit, fetched) == (False, 1)
     assert (answer.content, answer.is_cache_hit, answer.saved_cost_usd) == ("hello", True, 0.02)
+    await cache.aclose()
+
+
+async def test_a_long_streams_cached_copy_keeps_its_first_deltas_as_they_came() -> None:
+    """A stream of more than `MAX_CACHED_DELTAS` deltas is stored with its first
+    `MAX_CACHED_DELTAS` as they came and those after joined `FOLDED_EVERY` at a time, as
+    the README says a hit replays it. Before, the fold at the limit joined the last
+    `FOLDED_EVERY` of those first ones too."""
+    settings = CacheConfig()
+    cache = ResponseCache(settings, store=CacheStore(settings))
+    request = ChatRequest(
+        model="m", messages=(Message(Role.USER, "hi"),), params=GenerationParams(temperature=0.0)
+    )
+    pieces = MAX_CACHED_DELTAS + FOLDED_EVERY + 3
+
+    async def fetch() -> AsyncGenerator[Delta | Completion, None]:
+        for _ in range(pieces):
+            yield Delta("a")
+        yield Completion("id", "m", "a" * pieces, FinishReason.STOP, Usage(3, pieces), 0.0, "up0")
+
+    deadline = Deadline.after(None)
+    streamed = [event async for event in cache.stream(request, fetch=fetch, deadline=deadline)]
+    async with asyncio.timeout(5):
+        while cache.in_flight:  # stored: the shared call has ended
+            await asyncio.sleep(0)
+    replayed = [event async for event in cache.stream(request, fetch=fetch, deadline=deadline)]
+    assert "".join(event.content for event in streamed[:-1]) == "a" * pieces
+    sizes = [len(event.content) for event in replayed if isinstance(event, Delta)]
+    assert sizes == [1] * MAX_CACHED_DELTAS + [FOLDED_EVERY] + [1] * 3
     await cache.aclose()

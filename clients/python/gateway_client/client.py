@@ -339,12 +339,16 @@ def authorization_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """
     if api_key is None:
         return ()
-    if not _text_of(api_key, "api_key"):
-        return ()
+    if not isinstance(api_key, str):
+        raise TypeError(f"api_key: expected a str, got {type(api_key).__name__}")
+    # Before any check that names a character: a byte that is not UTF-8 (a lone
+    # surrogate) is one more that metadata cannot carry, said without it or its index.
     if not all(" " <= char <= "~" for char in api_key):
         raise ValueError(
             "the caller key has characters gRPC metadata cannot carry (a stray newline?)"
         )
+    if not api_key:
+        return ()
     return (("authorization", f"Bearer {api_key}"),)
 
 
