@@ -899,6 +899,8 @@ class HttpPool:
             self._header_lines = _header_lines(self._headers)
         except ValueError:
             self._header_lines = None
+        # Each request head's start (`_head_start`), by method and path.
+        self._head_starts: dict[tuple[str, str], bytes] = {}
         self._slots = _Slots(max_connections)
         self._idle: list[_Connection] = []  # oldest first: released in this order
         self._busy: set[_Connection] = set()
@@ -936,14 +938,21 @@ class HttpPool:
             ConnectFailed: no connection could be made.
             HttpError: the connection failed or the answer was not HTTP.
         """
-        target = self._origin + self.path_prefix + path + self.query
         checked = self._header_lines
         if checked is None or (headers and not self._header_names.isdisjoint(headers)):
             # A request's header of a pool header's name takes its value, in its place.
             merged = {**self._headers, **headers}
+            target = self._origin + self.path_prefix + path + self.query
             head = _head(method, target, self.host_header, merged, len(body))
         else:
-            head = _head(method, target, self.host_header, headers, len(body), checked=checked)
+            # `_head` written out: its request line and the pool's headers made once per
+            # method and path (the client's few), then the request's own lines and length.
+            try:
+                start = self._head_starts[method, path]
+            except KeyError:
+                start = self._head_start(method, path, checked)
+            lines = _header_lines(headers).encode() if headers else b""
+            head = b"%s%sContent-Length: %d\r\n\r\n" % (start, lines, len(body))
         may_reuse = True
         while True:
             try:
@@ -996,6 +1005,15 @@ class HttpPool:
             if on_sent is not None:
                 on_sent()
             return response
+
+    def _head_start(self, method: str, path: str, checked: str) -> bytes:
+        """A request head's request line, `Host` and the pool's own header lines
+        (`checked`), kept for the next request of `method` to `path` (the client's own
+        paths, never a caller's: a handful)."""
+        target = self._origin + self.path_prefix + path + self.query
+        start = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n{checked}".encode()
+        self._head_starts[method, path] = start
+        return start
 
     def _idle_connection(self) -> _Connection | None:
         now = time.monotonic()
