@@ -344,9 +344,10 @@ class _Connection(asyncio.Protocol):
 
 # Each header name as `Response.headers` keys it, by the bytes llhttp hands over: a
 # provider sends the same twenty-odd names with every answer, and one lookup costs less
-# than decoding, lowering and checking each again (about 0.2 µs a header). Bounded in
-# entries and in a name's length, so that an upstream's made-up names cannot grow it.
-_header_keys: dict[bytes, str] = {}
+# than decoding, lowering and checking each again (about 0.2 µs a header), kept with the
+# name's length, which counts against the head's bound. Bounded in entries and in a
+# name's length, so that an upstream's made-up names cannot grow it.
+_header_keys: dict[bytes, tuple[str, int]] = {}
 _MAX_HEADER_KEYS = 512
 _MAX_KEPT_NAME_BYTES = 64
 
@@ -358,8 +359,9 @@ def _header_key(name: bytes) -> str:
         # llhttp's lenient mode takes `Content-Length : 5` as the length; read without
         # the blank, as it does, so that the body's framing here is the one it parses.
         key = key.rstrip(" \t")
-    if len(_header_keys) < _MAX_HEADER_KEYS and len(name) <= _MAX_KEPT_NAME_BYTES:
-        _header_keys[name] = key
+    size = len(name)
+    if len(_header_keys) < _MAX_HEADER_KEYS and size <= _MAX_KEPT_NAME_BYTES:
+        _header_keys[name] = (key, size)
     return key
 
 
@@ -581,10 +583,14 @@ class Response:
             raise HttpError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
+        try:
+            key, name_size = _header_keys[name]  # a name seen before: its length with it
+        except KeyError:
+            key, name_size = "", len(name)
+        self._header_bytes += name_size + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             raise HttpError("response headers too large")
-        key = _header_keys.get(name) or _header_key(name)
+        key = key or _header_key(name)
         headers = self.headers
         if key in headers:
             headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
