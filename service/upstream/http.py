@@ -224,7 +224,8 @@ class _Connection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
         parsed = response.parsed
-        response.received_bytes += len(data)
+        size = len(data)
+        response.received_bytes += size
         if response.held_reason is not None:  # a head repeating its length, still coming
             self._parse_again(response, data, parsed)
             return
@@ -252,7 +253,11 @@ class _Connection(asyncio.Protocol):
                     # is progress, so an endless run of them was kept here without bound.
                     response.fail(HttpError("response headers too large"))
                     return
-            response.fed(len(data), made_progress=response.parsed != parsed)
+            if response.parsed != parsed and response._end_timer is None:
+                # `fed` written out for most reads: progress, and no end awaited.
+                response._unparsed_bytes = 0
+            else:
+                response.fed(size, made_progress=response.parsed != parsed)
             return
         # Not in the `except`: a callback's error in the parse again would be chained to
         # the first parse's error there, not to its own (`_parse_failure` reads it).
