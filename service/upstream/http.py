@@ -152,7 +152,8 @@ class _Slots:
     `asyncio.Semaphore`'s work without its cost on every request: its `acquire` is a
     coroutine that asks `locked()`, which runs a generator over the waiters, and its
     `release` calls `_wake_up_next`. Here a free slot is one test, and a slot given back
-    while calls wait goes straight to the first of them.
+    while calls wait goes straight to the first of them. The pool takes a free slot and
+    gives one back to no waiter itself (`_free`), without a call.
     """
 
     __slots__ = ("_free", "_waiters")
@@ -162,13 +163,6 @@ class _Slots:
         # Each waiter's future, first in line first; one cancelled before its turn is
         # skipped when a slot is handed over, so none is held while a slot is free.
         self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def try_take(self) -> bool:
-        """Take a slot if one is free now (none is while calls wait: each is handed on)."""
-        if self._free > 0:
-            self._free -= 1
-            return True
-        return False
 
     async def take(self) -> None:
         """Wait in line for a slot."""
@@ -326,10 +320,6 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self.transport.get_write_buffer_size() > 0:
             return False
         return self.tcp_transport is None or self.tcp_transport.get_write_buffer_size() == 0
-
-    def finished(self) -> None:
-        self._response = None
-        self._parser = None
 
     def pause(self) -> None:
         if self.transport is not None and not self.is_closed:
@@ -966,9 +956,12 @@ class HttpPool:
             head = b"%s%sContent-Length: %d\r\n\r\n" % (start, lines, len(body))
         may_reuse = True
         while True:
+            slots = self._slots
             try:
-                if not self._slots.try_take():
-                    await self._slots.take()
+                if slots._free > 0:  # `try_take` written out: a slot is free on most calls
+                    slots._free -= 1
+                else:
+                    await slots.take()
             except asyncio.CancelledError as cancel:
                 vars(cancel)["wrote_nothing"] = may_reuse  # else written on a closed one
                 raise
@@ -1140,7 +1133,7 @@ class HttpPool:
 
     def _release(self, connection: _Connection, *, reusable: bool) -> None:
         self._busy.discard(connection)
-        connection.finished()
+        connection._response = connection._parser = None  # `finished` written out
         if reusable and not connection.is_closed and not self._is_closed:
             if connection.is_paused:  # its body arrived whole but was left unread
                 connection.resume()
@@ -1150,7 +1143,11 @@ class HttpPool:
                 self._schedule_expiry()
         else:
             connection.close()
-        self._slots.give()
+        slots = self._slots
+        if slots._waiters:
+            slots.give()
+        else:  # `give` written out for the usual case: no call waits for the slot
+            slots._free += 1
 
     def _schedule_expiry(self) -> None:
         """Wake when the oldest idle connection passes keep-alive (`_idle_connection` pops
