@@ -869,7 +869,12 @@ class UpstreamClient:
         response: Response | None = None
         with self._translated_errors:
             try:
-                async with asyncio.timeout_at(self._deadline(timeout_s)):
+                # `_deadline` written out, from now as `asyncio.timeout` reads the loop's
+                # time: its `min`, `max` and frame on every unary call.
+                whole_s = self.config.timeout_s
+                if timeout_s < whole_s:
+                    whole_s = timeout_s
+                async with asyncio.timeout(whole_s if whole_s > 0.001 else 0.001):
                     response = await self._post(call, on_sent, on_status)
                     try:
                         body = await _read_answer(response)
