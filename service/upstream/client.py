@@ -351,7 +351,13 @@ class _TranslatedErrors:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if exc is None or isinstance(exc, UpstreamError):
+        if exc is not None:
+            self.translate(exc)
+
+    def translate(self, exc: BaseException) -> None:
+        """Raise the `UpstreamError` that `exc` stands for; return for one that is one
+        already, or that none stands for (a cancel), for the caller to raise as it is."""
+        if isinstance(exc, UpstreamError):
             return
         upstream = self._upstream
         if isinstance(exc, ProxyFailed):
@@ -867,7 +873,8 @@ class UpstreamClient:
         """`complete`, as one unary HTTP exchange; `on_usage` gets the usage of an answer
         refused as malformed (`_reply`)."""
         response: Response | None = None
-        with self._translated_errors:
+        # `with self._translated_errors` written out: its two frames on every unary call.
+        try:
             try:
                 # `_deadline` written out, from now as `asyncio.timeout` reads the loop's
                 # time: its `min`, `max` and frame on every unary call.
@@ -889,6 +896,9 @@ class UpstreamClient:
             reply = self._reply(call, response, body, on_status, on_usage)
             think_tags = self.config.think_tags
             return reply if think_tags == "false" else split_reply(reply, splitter_for(think_tags))
+        except BaseException as exc:
+            self._translated_errors.translate(exc)
+            raise
 
     def stream(
         self,
