@@ -878,9 +878,8 @@ class UpstreamClient:
             try:
                 # `_deadline` written out, from now as `asyncio.timeout` reads the loop's
                 # time: its `min`, `max` and frame on every unary call.
-                whole_s = self.config.timeout_s
-                if timeout_s < whole_s:
-                    whole_s = timeout_s
+                limit_s = self.config.timeout_s
+                whole_s = timeout_s if timeout_s < limit_s else limit_s
                 async with asyncio.timeout(whole_s if whole_s > 0.001 else 0.001):
                     response = await self._post(call, on_sent, on_status)
                     try:
