@@ -646,7 +646,12 @@ class UpstreamClient:
         the provider's answer refused as malformed goes to `on_usage`: the provider
         bills it so, and the attempt is recorded with it (`AttemptLog.lose`)."""
         try:
-            return _reply(call, body, response.headers, waited_s=response.waited_s)
+            return parse_completion(
+                body,
+                model=call.upstream_model,
+                rate_limits=rate_limit_hints(response.headers),
+                waited_s=response.waited_s,
+            )
         except MalformedReply as exc:
             status = error_status(body)
             if status is not None:
@@ -713,7 +718,8 @@ class UpstreamClient:
     ) -> Response:
         """Send the call; the response once its status and headers are in."""
         # The client's own headers are the pool's: it sends them first.
-        response = await self.pool.request(
+        # The `pool` property only when there is none, for its error: a frame every call.
+        response = await (self._pool or self.pool).request(
             "POST", "/chat/completions", call.headers, call.body, on_sent=on_sent
         )
         if on_status is not None:
@@ -883,7 +889,12 @@ class UpstreamClient:
                 async with asyncio.timeout(whole_s if whole_s > 0.001 else 0.001):
                     response = await self._post(call, on_sent, on_status)
                     try:
-                        body = await _read_answer(response)
+                        # `_read_answer` written out: a coroutine's frame on every call.
+                        body = await response.read(max_bytes=_MAX_ANSWER_SIZE)
+                    except UndecodableBody:
+                        if response.status < 300:
+                            raise
+                        body = b""  # a refusal's: its status says what happened
                     finally:
                         response.release()
             except TimeoutError as exc:
@@ -1195,16 +1206,6 @@ def _reply_events(reply: UpstreamReply, tally: StreamTally) -> Iterable[StreamEv
         usage=reply.usage,
         rate_limits=reply.rate_limits,
         waited_s=reply.waited_s,
-    )
-
-
-def _reply(
-    call: UpstreamCall, body: bytes, headers: Mapping[str, str], *, waited_s: float
-) -> UpstreamReply:
-    """A whole chat completion's answer, as a unary call gets it, `waited_s` after its
-    request was written."""
-    return parse_completion(
-        body, model=call.upstream_model, rate_limits=rate_limit_hints(headers), waited_s=waited_s
     )
 
 
