@@ -198,12 +198,11 @@ class CircuitBreaker:
             self.is_key_rejected = False
             self._move(BreakerState.CLOSED, "probe succeeded")
 
-    def note_success(self) -> None:
+    def note_success(self, now: float) -> None:
         """Count a success of a closed breaker with no probe (`record_success`'s part that
-        its probe and its opening leave aside)."""
+        its probe and its opening leave aside), `now` on its clock."""
         self._consecutive = 0
         # `_note` written out: every call's success comes here.
-        now = self._clock.now()
         outcomes = self._outcomes
         outcomes.append((now, False))
         horizon = now - self.settings.window_s
@@ -384,9 +383,11 @@ class RouteBreaker:
         upstream, model = self.upstream, self.model
         if probe is None and upstream.is_closed and model.is_closed:
             # Both closed, the usual answer: counted without `record_success`'s frames
-            # (every call's success path comes here).
-            upstream.note_success()
-            model.note_success()
+            # (every call's success path comes here). One reading of the clock serves both:
+            # a route's two breakers are made on its pool's one clock.
+            now = upstream._clock.now()
+            upstream.note_success(now)
+            model.note_success(now)
             return True
         upstream_probe, model_probe = probe or (None, None)
         upstream.record_success(probe=upstream_probe)

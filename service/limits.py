@@ -244,6 +244,18 @@ class UpstreamLimiter:
         that cannot start at once takes its `tenant`'s turn (module docstring).
         """
         if not self._waiters and self.in_flight < self.max_concurrency:
+            now = self._clock.now()
+            if (
+                self._requests is None
+                and self._tokens is None
+                and self.spacing_s <= 0
+                and self.paused_until <= now
+            ):
+                # The usual upstream (no per-minute limits, pause or spacing): `wait_s` and
+                # `_start` written out, on one reading of the clock (every call comes here).
+                self.in_flight += 1
+                self._last_start = now
+                return 0.0
             wait, what = self.wait_s(tokens)
             if wait <= 0:
                 self._start(tokens)

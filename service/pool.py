@@ -720,7 +720,9 @@ class UpstreamPool:
 
     def _plan(self, request: ChatRequest, tokens: int) -> _CallPlan:
         model = request.model
-        routes = self.routes(model)
+        routes = self._routes.get(model)  # `routes` written out: a frame on every call
+        if not routes:
+            raise ModelNotFound(model)
         toolless = self.toolless_upstreams(request) if model in self.toolless else ()
         down = self._down
         if len(routes) == 1:

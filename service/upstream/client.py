@@ -375,7 +375,13 @@ class _TranslatedErrors:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if exc is None or isinstance(exc, UpstreamError):
+        if exc is not None:
+            self.translate(exc)
+
+    def translate(self, exc: BaseException) -> None:
+        """Raise the `UpstreamError` that `exc` stands for; return for one that is one
+        already, or that none stands for (a cancel), for the caller to raise as it is."""
+        if isinstance(exc, UpstreamError):
             return
         upstream = self._upstream
         if isinstance(exc, ProxyFailed):
@@ -669,7 +675,12 @@ class UpstreamClient:
         the provider's answer refused as malformed goes to `on_usage`: the provider
         bills it so, and the attempt is recorded with it (`AttemptLog.lose`)."""
         try:
-            return _reply(call, body, response.headers, waited_s=response.waited_s)
+            return parse_completion(
+                body,
+                model=call.upstream_model,
+                rate_limits=rate_limit_hints(response.headers),
+                waited_s=response.waited_s,
+            )
         except MalformedReply as exc:
             status = error_status(body)
             if status is not None:
@@ -743,7 +754,8 @@ class UpstreamClient:
     ) -> Response:
         """Send the call; the response once its status and headers are in."""
         # The client's own headers are the pool's: it sends them first.
-        response = await self.pool.request(
+        # The `pool` property only when there is none, for its error: a frame every call.
+        response = await (self._pool or self.pool).request(
             "POST", "/chat/completions", call.headers, call.body, on_sent=on_sent
         )
         if on_status is not None:
@@ -903,12 +915,22 @@ class UpstreamClient:
         """`complete`, as one unary HTTP exchange; `on_usage` gets the usage of an answer
         refused as malformed (`_reply`)."""
         response: Response | None = None
-        with self._translated_errors:
+        # `with self._translated_errors` written out: its two frames on every unary call.
+        try:
             try:
-                async with asyncio.timeout_at(self._deadline(timeout_s)):
+                # `_deadline` written out, from now as `asyncio.timeout` reads the loop's
+                # time: its `min`, `max` and frame on every unary call.
+                limit_s = self.config.timeout_s
+                whole_s = timeout_s if timeout_s < limit_s else limit_s
+                async with asyncio.timeout(whole_s if whole_s > 0.001 else 0.001):
                     response = await self._post(call, on_sent, on_status)
                     try:
-                        body = await _read_answer(response)
+                        # `_read_answer` written out: a coroutine's frame on every call.
+                        body = await response.read(max_bytes=_MAX_ANSWER_SIZE)
+                    except UndecodableBody:
+                        if response.status < 300:
+                            raise
+                        body = b""  # a refusal's: its status says what happened
                     finally:
                         response.release()
             except TimeoutError as exc:
@@ -920,6 +942,9 @@ class UpstreamClient:
             reply = self._reply(call, response, body, on_status, on_usage)
             think_tags = self.config.think_tags
             return reply if think_tags == "false" else split_reply(reply, splitter_for(think_tags))
+        except BaseException as exc:
+            self._translated_errors.translate(exc)
+            raise
 
     def stream(
         self,
@@ -1217,16 +1242,6 @@ def _reply_events(reply: UpstreamReply, tally: StreamTally) -> Iterable[StreamEv
         usage=reply.usage,
         rate_limits=reply.rate_limits,
         waited_s=reply.waited_s,
-    )
-
-
-def _reply(
-    call: UpstreamCall, body: bytes, headers: Mapping[str, str], *, waited_s: float
-) -> UpstreamReply:
-    """A whole chat completion's answer, as a unary call gets it, `waited_s` after its
-    request was written."""
-    return parse_completion(
-        body, model=call.upstream_model, rate_limits=rate_limit_hints(headers), waited_s=waited_s
     )
 
 

@@ -152,7 +152,8 @@ class _Slots:
     `asyncio.Semaphore`'s work without its cost on every request: its `acquire` is a
     coroutine that asks `locked()`, which runs a generator over the waiters, and its
     `release` calls `_wake_up_next`. Here a free slot is one test, and a slot given back
-    while calls wait goes straight to the first of them.
+    while calls wait goes straight to the first of them. The pool takes a free slot and
+    gives one back to no waiter itself (`_free`), without a call.
     """
 
     __slots__ = ("_free", "_waiters")
@@ -162,13 +163,6 @@ class _Slots:
         # Each waiter's future, first in line first; one cancelled before its turn is
         # skipped when a slot is handed over, so none is held while a slot is free.
         self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def try_take(self) -> bool:
-        """Take a slot if one is free now (none is while calls wait: each is handed on)."""
-        if self._free > 0:
-            self._free -= 1
-            return True
-        return False
 
     async def take(self) -> None:
         """Wait in line for a slot."""
@@ -224,7 +218,8 @@ class _Connection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
         parsed = response.parsed
-        response.received_bytes += len(data)
+        size = len(data)
+        response.received_bytes += size
         if response.held_reason is not None:  # a head repeating its length, still coming
             self._parse_again(response, data, parsed)
             return
@@ -252,7 +247,11 @@ class _Connection(asyncio.Protocol):
                     # is progress, so an endless run of them was kept here without bound.
                     response.fail(HttpError("response headers too large"))
                     return
-            response.fed(len(data), made_progress=response.parsed != parsed)
+            if response.parsed != parsed and response._end_timer is None:
+                # `fed` written out for most reads: progress, and no end awaited.
+                response._unparsed_bytes = 0
+            else:
+                response.fed(size, made_progress=response.parsed != parsed)
             return
         # Not in the `except`: a callback's error in the parse again would be chained to
         # the first parse's error there, not to its own (`_parse_failure` reads it).
@@ -322,10 +321,6 @@ class _Connection(asyncio.Protocol):
             return False
         return self.tcp_transport is None or self.tcp_transport.get_write_buffer_size() == 0
 
-    def finished(self) -> None:
-        self._response = None
-        self._parser = None
-
     def pause(self) -> None:
         if self.transport is not None and not self.is_closed:
             self.transport.pause_reading()
@@ -344,9 +339,10 @@ class _Connection(asyncio.Protocol):
 
 # Each header name as `Response.headers` keys it, by the bytes llhttp hands over: a
 # provider sends the same twenty-odd names with every answer, and one lookup costs less
-# than decoding, lowering and checking each again (about 0.2 µs a header). Bounded in
-# entries and in a name's length, so that an upstream's made-up names cannot grow it.
-_header_keys: dict[bytes, str] = {}
+# than decoding, lowering and checking each again (about 0.2 µs a header), kept with the
+# name's length, which counts against the head's bound. Bounded in entries and in a
+# name's length, so that an upstream's made-up names cannot grow it.
+_header_keys: dict[bytes, tuple[str, int]] = {}
 _MAX_HEADER_KEYS = 512
 _MAX_KEPT_NAME_BYTES = 64
 
@@ -358,8 +354,9 @@ def _header_key(name: bytes) -> str:
         # llhttp's lenient mode takes `Content-Length : 5` as the length; read without
         # the blank, as it does, so that the body's framing here is the one it parses.
         key = key.rstrip(" \t")
-    if len(_header_keys) < _MAX_HEADER_KEYS and len(name) <= _MAX_KEPT_NAME_BYTES:
-        _header_keys[name] = key
+    size = len(name)
+    if len(_header_keys) < _MAX_HEADER_KEYS and size <= _MAX_KEPT_NAME_BYTES:
+        _header_keys[name] = (key, size)
     return key
 
 
@@ -581,10 +578,14 @@ class Response:
             raise HttpError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
+        try:
+            key, name_size = _header_keys[name]  # a name seen before: its length with it
+        except KeyError:
+            key, name_size = "", len(name)
+        self._header_bytes += name_size + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             raise HttpError("response headers too large")
-        key = _header_keys.get(name) or _header_key(name)
+        key = key or _header_key(name)
         headers = self.headers
         if key in headers:
             headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
@@ -899,6 +900,8 @@ class HttpPool:
             self._header_lines = _header_lines(self._headers)
         except ValueError:
             self._header_lines = None
+        # Each request head's start (`_head_start`), by method and path.
+        self._head_starts: dict[tuple[str, str], bytes] = {}
         self._slots = _Slots(max_connections)
         self._idle: list[_Connection] = []  # oldest first: released in this order
         self._busy: set[_Connection] = set()
@@ -936,19 +939,29 @@ class HttpPool:
             ConnectFailed: no connection could be made.
             HttpError: the connection failed or the answer was not HTTP.
         """
-        target = self._origin + self.path_prefix + path + self.query
         checked = self._header_lines
         if checked is None or (headers and not self._header_names.isdisjoint(headers)):
             # A request's header of a pool header's name takes its value, in its place.
             merged = {**self._headers, **headers}
+            target = self._origin + self.path_prefix + path + self.query
             head = _head(method, target, self.host_header, merged, len(body))
         else:
-            head = _head(method, target, self.host_header, headers, len(body), checked=checked)
+            # `_head` written out: its request line and the pool's headers made once per
+            # method and path (the client's few), then the request's own lines and length.
+            try:
+                start = self._head_starts[method, path]
+            except KeyError:
+                start = self._head_start(method, path, checked)
+            lines = _header_lines(headers).encode() if headers else b""
+            head = b"%s%sContent-Length: %d\r\n\r\n" % (start, lines, len(body))
         may_reuse = True
         while True:
+            slots = self._slots
             try:
-                if not self._slots.try_take():
-                    await self._slots.take()
+                if slots._free > 0:  # `try_take` written out: a slot is free on most calls
+                    slots._free -= 1
+                else:
+                    await slots.take()
             except asyncio.CancelledError as cancel:
                 vars(cancel)["wrote_nothing"] = may_reuse  # else written on a closed one
                 raise
@@ -996,6 +1009,15 @@ class HttpPool:
             if on_sent is not None:
                 on_sent()
             return response
+
+    def _head_start(self, method: str, path: str, checked: str) -> bytes:
+        """A request head's request line, `Host` and the pool's own header lines
+        (`checked`), kept for the next request of `method` to `path` (the client's own
+        paths, never a caller's: a handful)."""
+        target = self._origin + self.path_prefix + path + self.query
+        start = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n{checked}".encode()
+        self._head_starts[method, path] = start
+        return start
 
     def _idle_connection(self) -> _Connection | None:
         now = time.monotonic()
@@ -1111,7 +1133,7 @@ class HttpPool:
 
     def _release(self, connection: _Connection, *, reusable: bool) -> None:
         self._busy.discard(connection)
-        connection.finished()
+        connection._response = connection._parser = None  # `finished` written out
         if reusable and not connection.is_closed and not self._is_closed:
             if connection.is_paused:  # its body arrived whole but was left unread
                 connection.resume()
@@ -1121,7 +1143,11 @@ class HttpPool:
                 self._schedule_expiry()
         else:
             connection.close()
-        self._slots.give()
+        slots = self._slots
+        if slots._waiters:
+            slots.give()
+        else:  # `give` written out for the usual case: no call waits for the slot
+            slots._free += 1
 
     def _schedule_expiry(self) -> None:
         """Wake when the oldest idle connection passes keep-alive (`_idle_connection` pops
