@@ -455,6 +455,71 @@ async def test_a_call_cut_by_closing_the_client_fails_cancelled_not_its_task(
         assert not task.cancelled()
 
 
+async def test_a_client_made_outside_any_event_loop_serves_each_loop_it_is_called_in(
+    gateway: RunningGateway,
+) -> None:
+    """A client made where no loop runs (a module's global), then called in one
+    `asyncio.run` after another. Before, its channel belonged to a loop that never ran, and
+    every call failed "attached to a different loop"; a client made in a loop failed
+    "Event loop is closed" in the next `asyncio.run`."""
+
+    def outside_any_loop() -> list[str]:
+        client = GatewayClient(gateway.server.address, timeout_s=WAIT_S)
+
+        async def ask() -> str:
+            return (await client.complete("Say hi", model=FAKE_MODEL)).content
+
+        answers = [asyncio.run(ask()), asyncio.run(ask())]
+        asyncio.run(client.close())
+        return answers
+
+    assert await asyncio.to_thread(outside_any_loop) == ["Hello from fake"] * 2
+
+
+async def test_a_client_called_from_a_second_running_loop_says_to_make_one_per_loop(
+    gateway: RunningGateway,
+) -> None:
+    """A channel serves the loop it was made in: a call from another loop still running
+    (another thread's) is refused with what to do, and the client serves its own loop on."""
+    async with GatewayClient(gateway.server.address, timeout_s=WAIT_S) as client:
+
+        def in_another_loop() -> None:
+            with pytest.raises(RuntimeError, match="make a GatewayClient in each event loop"):
+                asyncio.run(client.complete("Say hi", model=FAKE_MODEL))
+
+        await asyncio.to_thread(in_another_loop)
+        answer = await client.complete("Say hi", model=FAKE_MODEL)
+    assert answer.content == "Hello from fake"
+
+
+async def test_a_stream_read_by_a_second_task_at_once_is_refused_and_the_first_reads_on(
+    upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """A second task's loop over a stream another task is reading is refused, alone. Before,
+    grpc.aio refused it ("asynchronous generator is already running"), its leaving
+    cancelled the call, and the first task's loop ended in a bare `CancelledError`."""
+    upstream.script(Reply(content="one two three four five", chunks=5, chunk_delay_s=0.1))
+    first_text = asyncio.Event()
+    async with GatewayClient(gateway.server.address, timeout_s=WAIT_S) as client:
+        stream = client.stream("Say hi", model=FAKE_MODEL)
+
+        async def read() -> list[str]:
+            texts = []
+            async for text in stream:
+                texts.append(text)
+                first_text.set()
+            return texts
+
+        reading = asyncio.create_task(read())
+        await first_text.wait()
+        with pytest.raises(RuntimeError, match="being read by another loop"):
+            async for _ in stream:
+                pass
+        texts = await reading
+    assert "".join(texts) == "one two three four five"
+    assert stream.final is not None
+
+
 # Over gRPC's default 4 MiB message, within the 16 MiB the gateway takes from an upstream.
 LONG_ANSWER = "word " * (1024 * 1024 + 7)
 
@@ -727,6 +792,33 @@ async def test_installed_client_waits_out_the_overload_pushback(
     content, elapsed_s = out.decode().rsplit(" ", 1)
     assert content == "Hello from fake"
     assert float(elapsed_s) >= pushback_s
+
+
+TYPED_USE = """
+from gateway_client import GatewayClient
+from llmgateway.v1 import gateway_pb2 as pb
+
+
+async def ask(client: GatewayClient) -> pb.CompleteResponse:
+    return await client.complete("Say hi", model="m")
+"""
+
+
+def test_installed_client_is_type_checked_by_its_users_mypy(
+    installed_client: Path, tmp_path: Path
+) -> None:
+    """Installed from the wheel, the client and its messages carry their types (PEP 561's
+    `py.typed`): before, mypy skipped both as untyped (`import-untyped` under `--strict`),
+    and every answer was `Any`."""
+    script = tmp_path / "use.py"
+    script.write_text(TYPED_USE)
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
+         "--python-executable", sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": str(installed_client)}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout
 
 
 async def test_a_long_prompt_still_waits_out_the_overload_pushback(

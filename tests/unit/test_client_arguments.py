@@ -38,6 +38,24 @@ def test_build_request_names_a_non_text_model_or_label(
     assert str(raised.value) == message
 
 
+@pytest.mark.parametrize(
+    ("prompt", "got"),
+    [
+        (b"Say hi", "bytes (decode it to a str)"),
+        (bytearray(b"Say hi"), "bytearray (decode it to a str)"),
+        ({"role": "user", "content": "Say hi"}, "dict"),
+    ],
+)
+def test_a_prompt_of_bytes_or_a_mapping_is_named_as_a_whole(prompt: Any, got: str) -> None:
+    """Bytes (a file read in "rb") and a mapping are iterables, but no sequence of turns.
+    Before, they were read as turns: b"Say hi" was `prompt[0]: ... got int`."""
+    with pytest.raises(TypeError) as raised:
+        build_request(prompt, model="m")
+    assert str(raised.value) == (
+        f"prompt: expected a str, a sequence of turns or a CompleteRequest, got {got}"
+    )
+
+
 def test_build_request_takes_text_labels_as_given() -> None:
     """String labels, as a mapping or as (key, value) pairs, reach the request unchanged."""
     for labels in ({"team": "search"}, [("team", "search")]):

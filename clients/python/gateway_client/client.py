@@ -10,7 +10,15 @@ import json
 import numbers
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path, PurePath
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import unquote
@@ -34,6 +42,7 @@ Turn = tuple[str, str] | pb.Message
 ReadyRequest = pb.CompleteRequest | pb.CompleteStreamRequest
 _Request = TypeVar("_Request", pb.CompleteRequest, pb.CompleteStreamRequest)
 _Answer = TypeVar("_Answer")
+_Event = TypeVar("_Event")
 
 
 class _Default(enum.Enum):
@@ -107,6 +116,9 @@ def _message_of(turn: object, where: str) -> pb.Message:
     return pb.Message(role=_ROLES[role], content=_utf8_text(content, where))
 
 
+_NOT_TURNS = (bytes, bytearray, memoryview, Mapping)
+
+
 def _messages_of(prompt: str | Sequence[Turn], system: str | None) -> list[pb.Message]:
     """The request's messages: `system` first, then `prompt`'s turns (a str: one user turn).
 
@@ -116,13 +128,16 @@ def _messages_of(prompt: str | Sequence[Turn], system: str | None) -> list[pb.Me
     if isinstance(prompt, str):
         turns: list[object] = [("user", prompt)]
         names = ["prompt"]
-    elif isinstance(prompt, Iterable):
+    # Bytes (a file read in "rb") and a mapping are iterables too: read as turns, b"hi"
+    # was refused as `prompt[0]: ... got int`, naming neither what was given nor the fix.
+    elif isinstance(prompt, Iterable) and not isinstance(prompt, _NOT_TURNS):
         turns = list(prompt)
         names = [f"prompt[{index}]" for index in range(len(turns))]
     else:
+        hint = " (decode it to a str)" if isinstance(prompt, bytes | bytearray) else ""
         raise TypeError(
             "prompt: expected a str, a sequence of turns or a CompleteRequest, "
-            f"got {type(prompt).__name__}"
+            f"got {type(prompt).__name__}{hint}"
         )
     if system:
         turns.insert(0, ("system", system))
@@ -439,14 +454,61 @@ class _CallEnd:
         self._is_read = True
 
 
+class _Readers:
+    """The loops reading one streaming call's events, each through a generator of its own.
+
+    Only the latest reader's leaving cancels the call: a first event read with
+    `anext(aiter(...))` leaves a reader behind, closed whenever it is collected, and its
+    close must not cut the `async for` that took over from it. A loop that would read
+    while another waits for the next event (a second task's) is refused on its own: before,
+    grpc.aio refused it ("asynchronous generator is already running") and its leaving
+    cancelled the call, ending the first loop with a bare `CancelledError`.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._count = 0
+        self._latest = 0
+        self._is_waiting = False
+
+    def new(self) -> int:
+        """A number for a new reader."""
+        self._count += 1
+        return self._count
+
+    def is_latest(self, reader: int) -> bool:
+        """Whether `reader` read last: its leaving cancels the call."""
+        return reader == self._latest
+
+    async def events(self, call: AsyncIterable[_Event], reader: int) -> AsyncIterator[_Event]:
+        """`call`'s events, read by `reader`.
+
+        Raises:
+            RuntimeError: another reader waits for the next event; the call goes on.
+        """
+        events = aiter(call)
+        while True:
+            if self._is_waiting:
+                raise RuntimeError(
+                    f"this {self._name} is being read by another loop (another task's): "
+                    "read it in one loop, or make a call for each"
+                )
+            self._latest = reader
+            self._is_waiting = True
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                return
+            finally:
+                self._is_waiting = False
+            yield event
+
+
 class BatchResults:
     """A batch's events; each `async for` reads them through a generator of its own, so
     that leaving the loop closes it, and cancels the call, even while this object is
-    still referenced (an iterator kept in a variable would outlive the loop).
-
-    Only the latest reader's leaving cancels: a first event read with
-    `anext(aiter(results))` leaves a reader behind, closed whenever it is collected, and
-    its close must not cut the `async for` that took over from it.
+    still referenced (an iterator kept in a variable would outlive the loop); only the
+    latest reader's leaving does (`_Readers`).
     """
 
     def __init__(
@@ -457,25 +519,24 @@ class BatchResults:
     ) -> None:
         self._call = call
         self._client_life = client_life or _ClientLife()
-        self._readers = 0
+        self._readers = _Readers("BatchResults")
         self._end = _CallEnd("BatchResults")
 
     def __aiter__(self) -> AsyncIterator[pb.CompleteBatchResponse]:
-        self._readers += 1
-        return self._events(self._readers)
+        return self._events(self._readers.new())
 
     async def _events(self, reader: int) -> AsyncIterator[pb.CompleteBatchResponse]:
         self._end.check_unread()
         try:
             async with self._end.watching():
-                async for event in self._call:
+                async for event in self._readers.events(self._call, reader):
                     yield event
         except asyncio.CancelledError:
             if self._client_life.is_cut_by_close():
                 raise _closed_client_error() from None
             raise
         finally:
-            if reader == self._readers:
+            if self._readers.is_latest(reader):
                 self._call.cancel()  # a no-op once the call has ended
 
 
@@ -511,7 +572,7 @@ class CompletionStream:
         self._arguments: list[list[str]] = []
         self._reasoning: list[str] = []
         self._is_cancelled = False
-        self._readers = 0
+        self._readers = _Readers("CompletionStream")
         self._end = _CallEnd("CompletionStream")
 
     @property
@@ -533,8 +594,7 @@ class CompletionStream:
                 pieces.clear()
 
     def __aiter__(self) -> AsyncIterator[str]:
-        self._readers += 1
-        return self._texts(self._readers)
+        return self._texts(self._readers.new())
 
     def cancel(self) -> None:
         """Stop the call, and the loop reading it; the gateway closes the upstream request
@@ -563,7 +623,7 @@ class CompletionStream:
         self._end.check_unread()
         try:
             async with self._end.watching():
-                async for event in self._call:
+                async for event in self._readers.events(self._call, reader):
                     if text := self._gather(event):
                         yield text
         except asyncio.CancelledError:
@@ -580,7 +640,7 @@ class CompletionStream:
         finally:
             # Whole at the end, for a list (or a call) of `tool_calls` kept from earlier.
             self._join_arguments()
-            if reader == self._readers:
+            if self._readers.is_latest(reader):
                 self._call.cancel()  # a no-op once the call has ended
 
 
@@ -827,12 +887,52 @@ class GatewayClient:
         given = {name for name, _ in channel_options}
         options = [option for option in options if option[0] not in given]
         options.extend(channel_options)
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        self.stub = pb_grpc.CompletionServiceStub(self._channel)
+        self._address, self._credentials, self._options = address, credentials, options
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_loop: asyncio.AbstractEventLoop | None = None
+        self._stub: pb_grpc.CompletionServiceStub | None = None
         self._life = _ClientLife()
+        with contextlib.suppress(RuntimeError):  # made outside any loop: at its first call
+            self._open_channel(asyncio.get_running_loop())
+
+    @property
+    def stub(self) -> pb_grpc.CompletionServiceStub:
+        """The generated stub, on the client's channel for the running event loop.
+
+        A grpc.aio channel serves the loop it was made in only, and failed every call of
+        another ("attached to a different loop", "Event loop is closed"): a client made
+        outside any loop (a module's global) makes its channel at its first call, and
+        one whose loop has closed (an earlier `asyncio.run`) makes a new one.
+
+        Raises:
+            RuntimeError: no event loop runs, or the channel's loop still runs (in
+                another thread): a channel cannot serve two loops.
+            grpc.aio.UsageError: the client is closed.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is not self._channel_loop:
+            self._open_channel(loop)
+        assert self._stub is not None
+        return self._stub
+
+    def _open_channel(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make the client's channel for `loop`, in place of one whose loop has closed."""
+        if self._life.is_closed:
+            raise grpc.aio.UsageError("the GatewayClient is closed")
+        if self._channel_loop is not None and not self._channel_loop.is_closed():
+            raise RuntimeError(
+                "this GatewayClient's channel serves another event loop, which still runs "
+                "(in another thread): make a GatewayClient in each event loop"
+            )
+        # The channel of a closed loop, if any, is closed as it is collected.
+        if self._credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                self._address, self._credentials, options=self._options
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(self._address, options=self._options)
+        self._channel_loop = loop
+        self._stub = pb_grpc.CompletionServiceStub(self._channel)
 
     def _deadline(self, timeout_s: Timeout) -> float | None:
         return self._timeout_s if timeout_s is CLIENT_TIMEOUT else check_timeout(timeout_s)
@@ -847,7 +947,8 @@ class GatewayClient:
         """Close the channel; a call still in flight fails `CANCELLED`, an `AioRpcError`
         as any failed call, in the task awaiting it."""
         self._life.is_closed = True
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def _answer(self, call: Awaitable[_Answer]) -> _Answer:
         """The answer of the unary `call`; cut by `close()`, it fails `CANCELLED`."""
