@@ -54,6 +54,7 @@ generate: $(STAMP) $(NODE_MODULES)
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 		--python_out=generated --grpc_python_out=generated \
 		--mypy_out=generated --mypy_grpc_out=generated $(PROTOS)
+	touch generated/llmgateway/py.typed  # typed for those who install the package (PEP 561)
 	rm -rf generated/ts
 	$(BUF) generate protos --template protos/buf.gen.yaml
 
