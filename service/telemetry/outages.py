@@ -53,6 +53,16 @@ EXPORTER_LOGGERS = (
 )
 
 
+# The loggers urllib3, under the HTTP exporters' `requests`, names a request's URL on,
+# query and all: each request (DEBUG), a redirect or a retry, and an answer's malformed
+# headers (WARNING).
+URL_LOGGERS = (
+    "urllib3.connectionpool",
+    "urllib3.connection",
+    "urllib3.poolmanager",
+    "urllib3.util.retry",
+)
+
 Signal = Literal["traces", "metrics"]
 
 # The variables the OTLP exporters read their headers from.
@@ -219,6 +229,34 @@ def install_exporter_log_filter() -> None:
             # Ahead of the SDK's own DuplicateFilter, which drops a message repeated within
             # 20 s (the other signal's, over gRPC) before a later filter would see it.
             logger.filters.insert(0, _ExporterLogFilter())
+
+
+class _RedactingFilter(logging.Filter):
+    """Rewrites a record whose message quotes one of `secrets` with them redacted."""
+
+    def __init__(self, secrets: ExporterSecrets) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Let every record through, its message without the secrets."""
+        message = record.getMessage()
+        redacted = self.secrets.redacted(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def install_url_log_filter(secrets: ExporterSecrets) -> None:
+    """Have urllib3's lines that name a URL (`URL_LOGGERS`) quote none of `secrets`: at
+    `--log-level DEBUG` it logged each export's request line, an endpoint's
+    `?api_key=...` with it. Replaces the filter an earlier setup put there."""
+    for name in URL_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _RedactingFilter)]:
+            logger.removeFilter(old)
+        if secrets.anywhere or secrets.short:
+            logger.addFilter(_RedactingFilter(secrets))
 
 
 @dataclass(slots=True)

@@ -50,6 +50,7 @@ from service.telemetry.outages import (
     WatchedSpanExporter,
     exporter_secrets,
     install_exporter_log_filter,
+    install_url_log_filter,
 )
 from service.telemetry.pairs import header_problem, resource_attribute_problem
 from service.telemetry.propagation import default_propagator
@@ -494,14 +495,18 @@ def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
 def _watched_spans(exporter: SpanExporter, environ: Mapping[str, str]) -> SpanExporter:
     """An OTLP span exporter whose failures the gateway logs, as a few lines (`outages`),
     never quoting its headers."""
+    secrets = exporter_secrets(environ)
     install_exporter_log_filter()
-    return WatchedSpanExporter(exporter, ExportWatch("traces", secrets=exporter_secrets(environ)))
+    install_url_log_filter(secrets)
+    return WatchedSpanExporter(exporter, ExportWatch("traces", secrets=secrets))
 
 
 def _watched_metrics(exporter: MetricExporter, environ: Mapping[str, str]) -> MetricReader:
     """A periodic reader for an OTLP metric exporter whose failures the gateway logs."""
+    secrets = exporter_secrets(environ)
     install_exporter_log_filter()
-    watch = ExportWatch("metrics", secrets=exporter_secrets(environ))
+    install_url_log_filter(secrets)
+    watch = ExportWatch("metrics", secrets=secrets)
     return PeriodicExportingMetricReader(WatchedMetricExporter(exporter, watch))
 
 

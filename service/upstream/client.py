@@ -65,7 +65,7 @@ from service.upstream.openai_json import (
     what_is_missing,
 )
 from service.upstream.proxy import Proxy, choose_proxy
-from service.upstream.relay import relayed_error, secrets_of
+from service.upstream.relay import relayed_error, scrubbed, secrets_of
 from service.upstream.sse import SSEDecoder
 from service.upstream.think_tags import ThinkTagSplitter, split_reply, splitter_for
 from service.upstream.types import (
@@ -227,7 +227,7 @@ def _error_for_status(
             "saying no model is missing: check its base_url",
             upstream=upstream,
             status=status,
-            content_type=clipped(media_type(headers)),
+            content_type=_shown_media(media_type(headers)),
         )
     return UpstreamRejected(
         f"upstream {upstream!r} rejected the request (HTTP {status})",
@@ -330,10 +330,17 @@ def _may_be_providers_stream(media: str, *, has_events: bool) -> bool:
     return media == "text/event-stream" or (media in _UNTYPED_MEDIA and has_events)
 
 
+def _shown_media(media: str) -> str:
+    """An answer's media type as a status says it: the server's own text (a portal's, a
+    proxy's), so its control characters are spaces (`scrubbed`), as in a relayed message:
+    an escape sequence reached the caller's terminal, a NUL its log. Cut like `clipped`."""
+    return clipped(scrubbed(media, ()))
+
+
 def _not_openai(upstream: str, response: Response, media: str) -> UpstreamNotOpenAI:
     """The error for a success answer that is no OpenAI answer at all, saying what came
     (`media`, its media type)."""
-    media = clipped(media)
+    media = _shown_media(media)
     what = f"Content-Type {media}" if media else "no Content-Type"
     return UpstreamNotOpenAI(
         f"upstream {upstream!r} answered HTTP {response.status} ({what}) with no OpenAI "

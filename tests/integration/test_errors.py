@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 
 import grpc
 import pytest
@@ -778,3 +780,45 @@ async def test_a_refusal_that_says_nothing_readable_relays_nothing(upstream, sta
     refused = await rpc_error(gateway.stub.Complete(chat()))
     assert refused.details() == "upstream 'up0' rejected the request (HTTP 400)"
     assert not [key for key in error_info(refused).metadata if key.startswith("upstream_")]
+
+
+async def _serving_one_head(head: bytes, body: bytes) -> asyncio.Server:
+    """A server that answers each request with `head` and `body`: a head no aiohttp
+    server would send (control characters in a header's value)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length:\s*(\d+)", request_head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(b"200 OK", b"<html>Sign in</html>"), (b"404 Not Found", b'{"error": "no route"}')],
+    ids=["login-page", "unrouted-path"],
+)
+async def test_an_answers_content_type_is_told_without_its_control_characters(
+    start_gateway, status, body
+):
+    """A server that is no OpenAI upstream (a captive portal, a proxy's page), its
+    Content-Type holding an escape sequence and a NUL: the status and its ErrorInfo name
+    the media type with those as spaces, as a relayed message's.
+
+    Before, they reached the caller as sent: the escape sequence its terminal, the NUL
+    its log."""
+    head = b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\x1b[2J\x00x\r\n"
+    server = await _serving_one_head(head, body)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        gateway = await start_gateway(gateway_config(url, **ONE_ATTEMPT))
+        refused = await rpc_error(gateway.stub.Complete(chat()))
+    assert refused.code() is grpc.StatusCode.UNAVAILABLE
+    shown = error_info(refused).metadata["content_type"]
+    assert shown == "text/html [2j x"
+    assert "\x1b" not in refused.details()
+    assert "\x00" not in refused.details()

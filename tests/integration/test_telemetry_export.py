@@ -488,6 +488,35 @@ async def test_an_unreachable_http_collector_is_logged_without_its_endpoints_que
     assert SHORT_OTLP_KEY not in repr([r.__dict__ for r in caplog.records])
 
 
+async def test_each_export_to_an_endpoint_with_a_query_key_is_logged_without_it(
+    upstream, start_gateway, otel_environ, caplog, every_logger_at_debug
+):
+    """An OTLP/HTTP endpoint carrying a key in its query, its collector taking the
+    exports: at DEBUG, urllib3's line for each export's request names its URL with the
+    query's values redacted.
+
+    Before, `--log-level DEBUG` logged the key with every export (every 5 s)."""
+    caplog.set_level(logging.DEBUG)
+    async with echoing_http_collector(200) as endpoint:
+        otel_environ(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=(
+                f"{endpoint}/v1/traces?api_key={OTLP_QUERY_KEY}&org={SHORT_OTLP_KEY}"
+            ),
+        )
+        telemetry = Telemetry.from_config(TelemetryConfig())
+        gw = await start_gateway(gateway_config(upstream.base_url), telemetry=telemetry)
+        await gw.stub.Complete(chat())
+        await asyncio.to_thread(telemetry.providers.force_flush)
+        await telemetry.aclose()
+    requests = [r.getMessage() for r in caplog.records if r.name == "urllib3.connectionpool"]
+    assert any("/v1/traces?api_key=[redacted]&org=[redacted]" in line for line in requests)
+    logged = repr([r.__dict__ for r in caplog.records])
+    assert OTLP_QUERY_KEY not in logged
+    assert SHORT_OTLP_KEY not in logged
+
+
 async def test_a_collector_quoting_the_basic_credentials_of_its_endpoint_is_logged_without_them(
     upstream, start_gateway, otel_environ, caplog, every_logger_at_debug
 ):
