@@ -444,8 +444,7 @@ class Telemetry:
         except KeyError:
             labels = self._rpc_labels_of(scope.method, scope.status_code)
         by_status, by_method = labels
-        self.instruments.rpc_duration.record(elapsed, by_status)
-        self.instruments.overhead.record(overhead, by_method)
+        self.instruments.record_rpc(elapsed, by_status, overhead, by_method)
 
     def _rpc_labels_of(self, method: str, status_code: int) -> tuple[AttributeSet, AttributeSet]:
         """The RPC histograms' attributes for `method` ending with `status_code`, kept
