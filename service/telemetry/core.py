@@ -26,7 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from service.config import LOCAL_MODEL_UPSTREAM, TelemetryConfig
@@ -43,7 +43,7 @@ from service.pricing import PriceList
 from service.telemetry import tracing as attr
 from service.telemetry.attempt_labels import AnswerLabels, RouteLabels
 from service.telemetry.histograms import AttributeSet
-from service.telemetry.lean_tracer import attach_span, current_context, current_span
+from service.telemetry.lean_tracer import LeanSpan, attach_span, current_context, current_span
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
 from service.telemetry.propagation import inject_trace_context, is_default
 from service.telemetry.setup import Providers, build_providers, trace_propagator
@@ -78,6 +78,9 @@ class AttemptSpan:
     # recorded under: without a response model until its answer names one (`finish`).
     route: RouteLabels
     answer: AnswerLabels
+    # Whether `span` records, known as it starts (`Telemetry.upstream_attempt`): it does
+    # until the attempt's end ends it.
+    is_recording: bool = False
     is_callers_cut: Callable[[BaseException], bool] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_chunk_s: float | None = None
@@ -174,8 +177,7 @@ class AttemptSpan:
         response_model = response_model[: attr.MOST_ANSWER_NAME_CHARS]
         if response_model and self.telemetry.records_metrics:
             self.answer = self.route.answered[response_model]
-        # Without a tracer provider the span is the no-op one: not asked (every attempt).
-        if not (self.telemetry.records_spans and span.is_recording()):
+        if not self.is_recording:  # the no-op span, or an unsampled one
             return
         # One call: each set_attribute takes the span's lock and validates on its own.
         attributes: dict[str, Any] = {
@@ -409,7 +411,11 @@ class Telemetry:
                 },
             )
             token = attach_span(span, parent)
-            is_recording = span.is_recording()
+            # The gateway's own span records, as it just started; the SDK's non-recording
+            # one does not: neither is asked, a call on every RPC.
+            is_recording = type(span) is LeanSpan or (
+                type(span) is not NonRecordingSpan and span.is_recording()
+            )
         scope = RpcScope(span=span, method=method, is_recording=is_recording)
         self.in_flight += 1
         return RpcContext(self, scope, CURRENT_RPC.set(scope), token)
@@ -488,6 +494,7 @@ class Telemetry:
             except KeyError:
                 route = self._route_labels(key)
         attributes: dict[str, Any] | None = None
+        is_recording = False
         # With no tracer provider every span is a no-op: skip describing it.
         if self.records_spans:
             attributes = {**route.attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
@@ -508,7 +515,11 @@ class Telemetry:
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
             )
-            if self.capture_content and span.is_recording():
+            # Known without asking, as the RPC's (`rpc`): a call on every attempt.
+            is_recording = type(span) is LeanSpan or (
+                type(span) is not NonRecordingSpan and span.is_recording()
+            )
+            if self.capture_content and is_recording:
                 span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
             # Baggage the default propagator would write is dropped below unless forwarded.
             if self._injects_defaults and not (self.forward_baggage and baggage.get_all()):
@@ -528,6 +539,7 @@ class Telemetry:
             upstream=upstream,
             route=route,
             answer=route.unanswered,
+            is_recording=is_recording,
             is_callers_cut=is_callers_cut,
             _parts=[] if self.capture_content else None,
             _tool_call_pieces=[] if self.capture_content else None,
