@@ -578,7 +578,12 @@ class Telemetry:
         usage = completion.usage
         # Only this gateway's tracer records spans: without a provider, no span to ask.
         span = current_span() if self.records_spans else None
-        if span is not None and span.is_recording():
+        scope = CURRENT_RPC.get() if span is not None else None
+        if scope is not None and scope.span is not span:
+            scope = None  # a span of its own: not the RPC's
+        # The RPC's own span (most calls') records till the RPC's end, as its scope knows:
+        # not asked. (Set on it later, its attributes go nowhere: it ended.)
+        if span is not None and (scope.is_recording if scope is not None else span.is_recording()):
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,
                 attr.GEN_AI_REQUEST_MODEL: request.model,
@@ -600,15 +605,14 @@ class Telemetry:
                 # nothing, but no answer the cache held, as `cache.lookups` counts it.
                 attributes[attr.CACHE_HIT] = False
                 attributes[attr.CACHE_COALESCED] = True
-            scope = CURRENT_RPC.get()
-            if scope is None or scope.span is not span or not scope.is_multi_call:
+            if scope is None or not scope.is_multi_call:
                 # One call's figures: a batch's or a summary's span has the RPC's queued
                 # time instead (set by the servicer), and each call has its attempt span.
                 timings = completion.timings
                 if timings.time_to_first_token_ms:  # 0: a call cut before its first token
                     attributes[attr.TIME_TO_FIRST_TOKEN_MS] = timings.time_to_first_token_ms
                 attributes[attr.QUEUED_MS] = timings.queued_ms
-            if scope is not None and scope.span is span:
+            if scope is not None:
                 # The RPC's own span: set with the rest of its attributes when it ends.
                 # A batch or a summary makes several calls in one RPC: they add up.
                 earlier = scope.attributes
