@@ -87,6 +87,8 @@ class AttemptSpan:
     # A unary answer's wait on the upstream (`finish`): the RPC's upstream time, which
     # leaves the attempt's own encoding and parsing to the gateway's overhead.
     waited_s: float | None = None
+    # Its answer's attributes (`finish`), set on a `LeanSpan` as it ends: a call less.
+    _answered: dict[str, Any] | None = None
     _parts: list[str] | None = None  # with `capture_content`: the text streamed so far
     _tool_call_pieces: list[ToolCallDelta] | None = None  # and the tool-call pieces
 
@@ -128,7 +130,9 @@ class AttemptSpan:
                 if error_type is not None:  # its duration's alone: no attribute of its tokens
                     duration = {**duration, attr.ERROR_TYPE: error_type}
                 telemetry.instruments.operation_duration.record(elapsed, duration)
-            if telemetry.records_spans:  # else the no-op span: nothing to end
+            if type(span) is LeanSpan:
+                span.end(attributes=self._answered)
+            elif self.is_recording:  # else the no-op span, or an unsampled one: no end
                 span.end()
 
     def _record_first_chunk(self, first_chunk_s: float) -> None:
@@ -179,7 +183,7 @@ class AttemptSpan:
             self.answer = self.route.answered[response_model]
         if not self.is_recording:  # the no-op span, or an unsampled one
             return
-        # One call: each set_attribute takes the span's lock and validates on its own.
+        # Set in one call, as the span ends for the gateway's own (`__exit__`).
         attributes: dict[str, Any] = {
             attr.GEN_AI_RESPONSE_ID: response_id[: attr.MOST_ANSWER_NAME_CHARS],
             attr.GEN_AI_RESPONSE_MODEL: response_model,
@@ -207,7 +211,10 @@ class AttemptSpan:
             attributes[attr.GEN_AI_OUTPUT_MESSAGES] = attr.output_json(
                 content, finish_reason, tool_calls
             )
-        span.set_attributes(attributes)
+        if type(span) is LeanSpan:
+            self._answered = attributes
+        else:
+            span.set_attributes(attributes)
 
 
 class RpcContext:
