@@ -25,7 +25,7 @@ import grpc
 from google.protobuf import message_factory
 from grpc_status import rpc_status
 
-from service.auth import Principal
+from service.auth import DEFAULT_TENANT, Principal
 from service.caller_gate import CallerGate, UndecodableRequest, current_tenant
 from service.errors import (
     INTERNAL_ERROR_REASON,
@@ -499,13 +499,15 @@ def _guard_unary(
                 if gate is None:  # nothing to admit (see `guard_servicer`): no `async with`
                     if isinstance(request, UndecodableRequest):  # checked here: a frame less
                         _refuse_undecodable(request)
-                    if rpc.is_recording:  # the tenant is for the span: not looked up for none
-                        rpc.set_tenant(current_tenant())
+                    if rpc.is_recording:  # the tenant is for the span: not named for none
+                        # No caller authenticated: `default`, as `current_tenant()` reads
+                        # then, without its two calls.
+                        rpc.set_tenant(DEFAULT_TENANT)
                     response = await method(request, context)
                 else:
                     async with _caller(request, principal, gate, check):
                         if principal is None and rpc.is_recording:
-                            rpc.set_tenant(current_tenant())
+                            rpc.set_tenant(DEFAULT_TENANT)  # no caller authenticated
                         response = await method(request, context)
             except asyncio.CancelledError:
                 await _end_if_cut_off(context, name, rpc, admission)
@@ -569,7 +571,7 @@ def _guard_stream(
                 async with _caller(request, principal, gate, check) as tenant_slot:
                     slot.tenant_slot = tenant_slot
                     if principal is None and rpc.is_recording:
-                        rpc.set_tenant(current_tenant())
+                        rpc.set_tenant(DEFAULT_TENANT)  # no caller authenticated
                     # Closed here, not by the garbage collector, however the call ends.
                     messages = method(request, context)
                     if stalls is not None:

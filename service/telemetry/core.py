@@ -26,7 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from service.config import LOCAL_MODEL_UPSTREAM, TelemetryConfig
@@ -43,7 +43,7 @@ from service.pricing import PriceList
 from service.telemetry import tracing as attr
 from service.telemetry.attempt_labels import AnswerLabels, RouteLabels
 from service.telemetry.histograms import AttributeSet
-from service.telemetry.lean_tracer import attach_span, current_context, current_span
+from service.telemetry.lean_tracer import LeanSpan, attach_span, current_context, current_span
 from service.telemetry.metrics import BREAKER_STATES, Instruments, StoreWrites
 from service.telemetry.propagation import inject_trace_context, is_default
 from service.telemetry.setup import Providers, build_providers, trace_propagator
@@ -78,12 +78,17 @@ class AttemptSpan:
     # recorded under: without a response model until its answer names one (`finish`).
     route: RouteLabels
     answer: AnswerLabels
+    # Whether `span` records, known as it starts (`Telemetry.upstream_attempt`): it does
+    # until the attempt's end ends it.
+    is_recording: bool = False
     is_callers_cut: Callable[[BaseException], bool] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_chunk_s: float | None = None
     # A unary answer's wait on the upstream (`finish`): the RPC's upstream time, which
     # leaves the attempt's own encoding and parsing to the gateway's overhead.
     waited_s: float | None = None
+    # Its answer's attributes (`finish`), set on a `LeanSpan` as it ends: a call less.
+    _answered: dict[str, Any] | None = None
     _parts: list[str] | None = None  # with `capture_content`: the text streamed so far
     _tool_call_pieces: list[ToolCallDelta] | None = None  # and the tool-call pieces
 
@@ -125,7 +130,9 @@ class AttemptSpan:
                 if error_type is not None:  # its duration's alone: no attribute of its tokens
                     duration = {**duration, attr.ERROR_TYPE: error_type}
                 telemetry.instruments.operation_duration.record(elapsed, duration)
-            if telemetry.records_spans:  # else the no-op span: nothing to end
+            if type(span) is LeanSpan:
+                span.end(attributes=self._answered)
+            elif self.is_recording:  # else the no-op span, or an unsampled one: no end
                 span.end()
 
     def _record_first_chunk(self, first_chunk_s: float) -> None:
@@ -174,10 +181,9 @@ class AttemptSpan:
         response_model = response_model[: attr.MOST_ANSWER_NAME_CHARS]
         if response_model and self.telemetry.records_metrics:
             self.answer = self.route.answered[response_model]
-        # Without a tracer provider the span is the no-op one: not asked (every attempt).
-        if not (self.telemetry.records_spans and span.is_recording()):
+        if not self.is_recording:  # the no-op span, or an unsampled one
             return
-        # One call: each set_attribute takes the span's lock and validates on its own.
+        # Set in one call, as the span ends for the gateway's own (`__exit__`).
         attributes: dict[str, Any] = {
             attr.GEN_AI_RESPONSE_ID: response_id[: attr.MOST_ANSWER_NAME_CHARS],
             attr.GEN_AI_RESPONSE_MODEL: response_model,
@@ -205,7 +211,10 @@ class AttemptSpan:
             attributes[attr.GEN_AI_OUTPUT_MESSAGES] = attr.output_json(
                 content, finish_reason, tool_calls
             )
-        span.set_attributes(attributes)
+        if type(span) is LeanSpan:
+            self._answered = attributes
+        else:
+            span.set_attributes(attributes)
 
 
 class RpcContext:
@@ -409,7 +418,11 @@ class Telemetry:
                 },
             )
             token = attach_span(span, parent)
-            is_recording = span.is_recording()
+            # The gateway's own span records, as it just started; the SDK's non-recording
+            # one does not: neither is asked, a call on every RPC.
+            is_recording = type(span) is LeanSpan or (
+                type(span) is not NonRecordingSpan and span.is_recording()
+            )
         scope = RpcScope(span=span, method=method, is_recording=is_recording)
         self.in_flight += 1
         return RpcContext(self, scope, CURRENT_RPC.set(scope), token)
@@ -431,10 +444,14 @@ class Telemetry:
             attributes[attr.OVERHEAD_MS] = overhead * 1000.0
             if scope.error_type is not None:
                 attributes[attr.ERROR_TYPE] = scope.error_type
-            span.set_attributes(attributes)
             if scope.status_code in attr.SERVER_ERROR_CODES:
                 span.set_status(Status(StatusCode.ERROR, scope.error_type))
-        span.end()
+            if type(span) is LeanSpan:  # set as it ends: a call less on every RPC
+                span.end(attributes=attributes)
+            else:
+                span.set_attributes(attributes)
+                span.end()
+        # A span that does not record (unsampled, or no tracer provider) has nothing to end.
         self.in_flight -= 1
         self.instruments.requests.add(1, scope.method, scope.status_code)
         if not records_metrics:
@@ -444,8 +461,7 @@ class Telemetry:
         except KeyError:
             labels = self._rpc_labels_of(scope.method, scope.status_code)
         by_status, by_method = labels
-        self.instruments.rpc_duration.record(elapsed, by_status)
-        self.instruments.overhead.record(overhead, by_method)
+        self.instruments.record_rpc(elapsed, by_status, overhead, by_method)
 
     def _rpc_labels_of(self, method: str, status_code: int) -> tuple[AttributeSet, AttributeSet]:
         """The RPC histograms' attributes for `method` ending with `status_code`, kept
@@ -489,6 +505,7 @@ class Telemetry:
             except KeyError:
                 route = self._route_labels(key)
         attributes: dict[str, Any] | None = None
+        is_recording = False
         # With no tracer provider every span is a no-op: skip describing it.
         if self.records_spans:
             attributes = {**route.attributes, attr.UPSTREAM: upstream, attr.ATTEMPT: attempt}
@@ -509,7 +526,11 @@ class Telemetry:
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
             )
-            if self.capture_content and span.is_recording():
+            # Known without asking, as the RPC's (`rpc`): a call on every attempt.
+            is_recording = type(span) is LeanSpan or (
+                type(span) is not NonRecordingSpan and span.is_recording()
+            )
+            if self.capture_content and is_recording:
                 span.set_attribute(attr.GEN_AI_INPUT_MESSAGES, attr.messages_json(request.messages))
             # Baggage the default propagator would write is dropped below unless forwarded.
             if self._injects_defaults and not (self.forward_baggage and baggage.get_all()):
@@ -529,6 +550,7 @@ class Telemetry:
             upstream=upstream,
             route=route,
             answer=route.unanswered,
+            is_recording=is_recording,
             is_callers_cut=is_callers_cut,
             _parts=[] if self.capture_content else None,
             _tool_call_pieces=[] if self.capture_content else None,
@@ -567,7 +589,12 @@ class Telemetry:
         usage = completion.usage
         # Only this gateway's tracer records spans: without a provider, no span to ask.
         span = current_span() if self.records_spans else None
-        if span is not None and span.is_recording():
+        scope = CURRENT_RPC.get() if span is not None else None
+        if scope is not None and scope.span is not span:
+            scope = None  # a span of its own: not the RPC's
+        # The RPC's own span (most calls') records till the RPC's end, as its scope knows:
+        # not asked. (Set on it later, its attributes go nowhere: it ended.)
+        if span is not None and (scope.is_recording if scope is not None else span.is_recording()):
             attributes: dict[str, Any] = {
                 attr.GEN_AI_OPERATION_NAME: operation,
                 attr.GEN_AI_REQUEST_MODEL: request.model,
@@ -589,15 +616,14 @@ class Telemetry:
                 # nothing, but no answer the cache held, as `cache.lookups` counts it.
                 attributes[attr.CACHE_HIT] = False
                 attributes[attr.CACHE_COALESCED] = True
-            scope = CURRENT_RPC.get()
-            if scope is None or scope.span is not span or not scope.is_multi_call:
+            if scope is None or not scope.is_multi_call:
                 # One call's figures: a batch's or a summary's span has the RPC's queued
                 # time instead (set by the servicer), and each call has its attempt span.
                 timings = completion.timings
                 if timings.time_to_first_token_ms:  # 0: a call cut before its first token
                     attributes[attr.TIME_TO_FIRST_TOKEN_MS] = timings.time_to_first_token_ms
                 attributes[attr.QUEUED_MS] = timings.queued_ms
-            if scope is not None and scope.span is span:
+            if scope is not None:
                 # The RPC's own span: set with the rest of its attributes when it ends.
                 # A batch or a summary makes several calls in one RPC: they add up.
                 earlier = scope.attributes

@@ -78,14 +78,23 @@ class _Point:
 class CumulativeHistogram:
     """A histogram instrument: `record` as the SDK's, points built when collected."""
 
-    def __init__(self, name: str, *, unit: str, description: str, bounds: Sequence[float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        unit: str,
+        description: str,
+        bounds: Sequence[float],
+        lock: threading.Lock | None = None,
+    ) -> None:
         self.name = name
         self.unit = unit
         self.description = description
         self.bounds = tuple(bounds)
         self._points: dict[frozenset[tuple[str, AttributeValue]], _Point] = {}
-        # Collections run on the readers' threads.
-        self._lock = threading.Lock()
+        # Collections run on the readers' threads. One histogram's `record_pair` records
+        # into another under it when they share it (`HistogramExport.create`).
+        self.lock = lock if lock is not None else threading.Lock()
 
     def record(self, amount: float, attributes: Mapping[str, AttributeValue] | None = None) -> None:
         """Count `amount` for `attributes`; negative or non-finite amounts are dropped,
@@ -96,7 +105,7 @@ class CumulativeHistogram:
             key = attributes.key
         else:
             key = frozenset(attributes.items()) if attributes else _NO_ATTRIBUTES
-        with self._lock:
+        with self.lock:
             # Indexed, not `get`: a call fewer a record; only an attribute set's first
             # record misses.
             try:
@@ -118,25 +127,31 @@ class CumulativeHistogram:
         first_attributes: AttributeSet,
         second: float,
         second_attributes: AttributeSet,
+        second_histogram: CumulativeHistogram | None = None,
     ) -> None:
         """`record(first, first_attributes)` then `record(second, second_attributes)`, in
-        one call and under one lock: an upstream call's input and output tokens."""
-        bounds = self.bounds
-        with self._lock:
-            for amount, key in ((first, first_attributes.key), (second, second_attributes.key)):
+        one call and under one lock: an upstream call's input and output tokens. Into
+        `second_histogram`, when given, the second: one that shares this one's `lock`
+        (an RPC's duration and overhead)."""
+        other = self if second_histogram is None else second_histogram
+        with self.lock:
+            for histogram, amount, key in (
+                (self, first, first_attributes.key),
+                (other, second, second_attributes.key),
+            ):
                 if not 0 <= amount < math.inf:
                     continue
                 try:
-                    point = self._points[key]
+                    point = histogram._points[key]
                 except KeyError:
-                    point = self._new_point(key)
+                    point = histogram._new_point(key)
                 point.count += 1
                 point.sum += amount
                 if amount < point.min:  # noqa: PLR1730
                     point.min = amount
                 if amount > point.max:  # noqa: PLR1730
                     point.max = amount
-                point.bucket_counts[bisect_left(bounds, amount)] += 1
+                point.bucket_counts[bisect_left(histogram.bounds, amount)] += 1
 
     def _new_point(self, key: frozenset[tuple[str, AttributeValue]]) -> _Point:
         """The point of an attribute set recorded for the first time (with the lock held),
@@ -152,7 +167,7 @@ class CumulativeHistogram:
 
     def metric(self, now_unix_nano: int) -> Metric | None:
         """Every attribute set's point as of now, or None before the first record."""
-        with self._lock:
+        with self.lock:
             points = [
                 HistogramDataPoint(
                     attributes=dict(key),
@@ -187,12 +202,17 @@ class HistogramExport:
         self.scope = scope
         self.resource = resource
         self._histograms: list[CumulativeHistogram] = []
+        # One lock for all of them: a call's records on two histograms take it once
+        # (`CumulativeHistogram.record_pair`), and only collections contend for it.
+        self._lock = threading.Lock()
 
     def create(
         self, name: str, *, unit: str, description: str, bounds: Sequence[float]
     ) -> CumulativeHistogram:
         """A new histogram, exported from now on."""
-        histogram = CumulativeHistogram(name, unit=unit, description=description, bounds=bounds)
+        histogram = CumulativeHistogram(
+            name, unit=unit, description=description, bounds=bounds, lock=self._lock
+        )
         self._histograms.append(histogram)
         return histogram
 

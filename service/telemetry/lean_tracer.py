@@ -348,11 +348,21 @@ class LeanSpan(trace.Span, ReadableSpan):
             event.update(attributes)
         self.add_event("exception", event, timestamp)
 
-    def end(self, end_time: int | None = None) -> None:
-        """End the span and hand it to the processors (a second `end` is ignored)."""
+    def end(
+        self,
+        end_time: int | None = None,
+        *,
+        attributes: Mapping[str, types.AnyValue] | None = None,
+    ) -> None:
+        """End the span and hand it to the processors (a second `end` is ignored), with
+        `attributes` set first when given: `set_attributes` and `end` in one call."""
         if self._end_time is not None:
             log.warning("telemetry.span_ended_twice", extra={"span": self._name})
             return
+        if attributes is not None:
+            if None in attributes.values():
+                attributes = {key: value for key, value in attributes.items() if value is not None}
+            self._attributes.update(attributes)
         self._end_time = end_time if end_time is not None else time_ns()
         tracer = self._tracer
         most, longest = tracer.limits.max_span_attributes, tracer.limits.max_span_attribute_length

@@ -6,6 +6,7 @@ so that stock GenAI dashboards work; gateway-only figures live under `llm_gatewa
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,21 +94,29 @@ class HistogramInstrument(Protocol):
 
 
 def _pair_recorder(
-    histogram: HistogramInstrument,
+    histogram: HistogramInstrument, second_histogram: HistogramInstrument | None = None
 ) -> Callable[[float, AttributeSet, float, AttributeSet], None]:
     """What records two amounts into `histogram` (an upstream call's input and output
-    tokens): the gateway's own histogram does it in one call."""
-    if isinstance(histogram, CumulativeHistogram):
-        return histogram.record_pair
+    tokens), or the second into `second_histogram` (an RPC's duration and overhead): the
+    gateway's own histograms do it in one call, under the one lock they share."""
+    second = histogram if second_histogram is None else second_histogram
+    if (
+        isinstance(histogram, CumulativeHistogram)
+        and isinstance(second, CumulativeHistogram)
+        and histogram.lock is second.lock
+    ):
+        if second is histogram:
+            return histogram.record_pair
+        return functools.partial(histogram.record_pair, second_histogram=second)
 
     def record_pair(
         first: float,
         first_attributes: AttributeSet,
-        second: float,
+        second_amount: float,
         second_attributes: AttributeSet,
     ) -> None:
         histogram.record(first, first_attributes)
-        histogram.record(second, second_attributes)
+        second.record(second_amount, second_attributes)
 
     return record_pair
 
@@ -184,6 +193,8 @@ class Instruments:
             description="Time of an RPC not spent waiting on an upstream",
             bounds=OVERHEAD_BUCKETS_S,
         )
+        # An RPC's end records both: `record_rpc(duration, by_status, overhead, by_method)`.
+        self.record_rpc = _pair_recorder(self.rpc_duration, self.overhead)
 
         # Observed at collection time: nothing is recorded on the request path.
         def observe_in_flight(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 
+from opentelemetry.metrics import NoOpMeter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.telemetry.histograms import MOST_ATTRIBUTE_SETS, AttributeSet, HistogramExport
-from service.telemetry.metrics import Instruments
+from service.telemetry.metrics import DURATION_BUCKETS_S, OVERHEAD_BUCKETS_S, Instruments
 from tests.unit.test_telemetry_histograms import AMOUNTS, BOUNDS, RESOURCE, points
 
 INPUT = AttributeSet({"gen_ai.token.type": "input", "gen_ai.request.model": "m"})
@@ -70,3 +71,52 @@ def test_the_sdks_histogram_takes_a_pair_as_two_records():
         INPUT.key: 3,
         OUTPUT.key: 5,
     }
+
+
+BY_STATUS = AttributeSet({"rpc.method": "Complete", "rpc.grpc.status_code": 0})
+BY_METHOD = AttributeSet({"rpc.method": "Complete"})
+
+
+def test_a_pair_into_two_histograms_counts_as_a_record_in_each():
+    """An RPC's duration and overhead, recorded in one call (`record_rpc`) into the two
+    histograms one export made: the points two separate records give, each amount in
+    its own histogram (those the SDK drops dropped)."""
+    pair_reader, pair_export = two_histograms()
+    instruments = Instruments(NoOpMeter("x"), in_flight=lambda: 0, histograms=pair_export)
+    one_reader, one_export = two_histograms()
+    duration = one_export.create(
+        "llm_gateway.rpc.duration", unit="s", description="", bounds=DURATION_BUCKETS_S
+    )
+    overhead = one_export.create(
+        "llm_gateway.overhead.duration", unit="s", description="", bounds=OVERHEAD_BUCKETS_S
+    )
+    for first, second in itertools.product(AMOUNTS, repeat=2):
+        instruments.record_rpc(first, BY_STATUS, second, BY_METHOD)
+        duration.record(first, BY_STATUS)
+        overhead.record(second, BY_METHOD)
+    for name in ("llm_gateway.rpc.duration", "llm_gateway.overhead.duration"):
+        got = points(pair_reader.get_metrics_data(), name)
+        expected = points(one_reader.get_metrics_data(), name)
+        assert got.keys() == expected.keys()
+        for key, (_, _, point) in got.items():
+            want = expected[key][2]
+            assert (point.count, point.sum, point.min, point.max) == (
+                want.count,
+                want.sum,
+                want.min,
+                want.max,
+            )
+            assert tuple(point.bucket_counts) == tuple(want.bucket_counts)
+
+
+def test_the_sdks_histograms_take_an_rpcs_pair_as_a_record_in_each():
+    """Where the SDK's histograms are used, `record_rpc` records the duration into one
+    and the overhead into the other."""
+    reader = InMemoryMetricReader()
+    meter = MeterProvider([reader], resource=RESOURCE).get_meter("llm_gateway")
+    Instruments(meter, in_flight=lambda: 0).record_rpc(0.25, BY_STATUS, 0.125, BY_METHOD)
+    data = reader.get_metrics_data()
+    duration = points(data, "llm_gateway.rpc.duration")
+    overhead = points(data, "llm_gateway.overhead.duration")
+    assert {key: point.sum for key, (_, _, point) in duration.items()} == {BY_STATUS.key: 0.25}
+    assert {key: point.sum for key, (_, _, point) in overhead.items()} == {BY_METHOD.key: 0.125}

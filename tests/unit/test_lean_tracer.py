@@ -198,6 +198,24 @@ def test_none_values_are_dropped_as_the_sdk_drops_them():
     assert dict(ended.attributes or {}) == {"b": 1, "e": "x"}
 
 
+def test_attributes_given_to_end_are_set_as_set_attributes_sets_them_before_it_ends():
+    """`end(attributes=...)` (an RPC's span ends so): the span `set_attributes` then `end`
+    exports, `None` dropped and an earlier value kept; a second end changes nothing."""
+    tracer, spans = lean()
+    for ends_with_them in (False, True):
+        span = tracer.start_span("s", attributes={"a": 1, "b": 2})
+        late = {"b": None, "c": 3, "d": "x"}
+        if ends_with_them:
+            span.end(attributes=late)  # type: ignore[call-arg]  # the lean span's own
+            span.end(attributes={"e": 4})  # type: ignore[call-arg]
+        else:
+            span.set_attributes(late)  # type: ignore[arg-type]
+            span.end()
+    by_setting, by_ending = spans.get_finished_spans()
+    assert dict(by_ending.attributes or {}) == dict(by_setting.attributes or {})
+    assert dict(by_ending.attributes or {}) == {"a": 1, "b": 2, "c": 3, "d": "x"}
+
+
 def test_start_as_current_span_is_current_inside_and_records_an_escaping_error():
     tracer, spans = lean()
     with (
