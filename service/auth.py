@@ -181,7 +181,12 @@ def keys_file_writable_warning(path: Path) -> str | None:
     may write it, and whoever can write it can give themselves a key for any tenant, an
     admin's included. None for a file only its owner may change, or none there."""
     mode = _permissions(path)
-    if mode is None or not mode & (stat.S_IWGRP | stat.S_IWOTH):
+    return None if mode is None else _writable_warning(path, mode)
+
+
+def _writable_warning(path: Path, mode: int) -> str | None:
+    """`keys_file_writable_warning` of the file at `path` of permission bits `mode`."""
+    if not mode & (stat.S_IWGRP | stat.S_IWOTH):
         return None
     writers = "every user" if mode & stat.S_IWOTH else "its group"
     return (
@@ -239,6 +244,7 @@ class StaticKeyStore:
 
 
 _GONE = (-1, -1, -1)  # the signature of a keys file that is not there
+_IS_POSIX = os.name == "posix"  # elsewhere a file's mode tells nothing of who may write it
 # The shortest pause between the checks `FileKeyStore.watch` makes (`keys_file_check_s`
 # may be 0: a check on every call).
 _WATCH_MIN_S = 0.5
@@ -288,6 +294,9 @@ class FileKeyStore:
         # Whether the file was last read within its modification time's tick.
         self._is_read_in_its_tick = False
         self._keys: tuple[CallerKey, ...] = ()
+        # The permission bits the file was last seen with (POSIX's), warned of as they
+        # change while serving: `serve` warns of those it starts with.
+        self._mode: int | None = None
         self._store = StaticKeyStore(())
         self._checking: asyncio.Future[None] | None = None  # the check in its thread
         self._checking_since = 0.0  # when it began (`_clock`)
@@ -300,7 +309,7 @@ class FileKeyStore:
         self._checked_at = now
         seen_ns = time.time_ns()  # before the stat: a write after it is after this too
         try:
-            stat = os.stat(self._path)
+            found = os.stat(self._path)
         except FileNotFoundError:
             if not self._is_held_once(_GONE):
                 self._store, self._signature, self._keys = StaticKeyStore(()), None, ()
@@ -310,13 +319,17 @@ class FileKeyStore:
                 raise
             log.warning("auth.keys_file_unusable", extra={"error": str(exc)})
             return
-        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        # Before the signature's check: a chmod changes none of its fields.
+        mode = stat.S_IMODE(found.st_mode)
+        if _IS_POSIX and mode != self._mode:
+            self._mode_changed(mode, is_strict=is_strict)
+        signature = (found.st_mtime_ns, found.st_size, found.st_ino)
         if signature == self._signature and not self._is_read_in_its_tick:
             # The file read last, back after it was seen gone (moved away and back): that
             # sighting is over, else the next save by rename would count as its second.
             self._unconfirmed = None
             return
-        if stat.st_size == 0 and self._is_held_once(signature):
+        if found.st_size == 0 and self._is_held_once(signature):
             return
         try:
             text = keys_file_text(self._path.read_bytes(), source=str(self._path))
@@ -329,12 +342,23 @@ class FileKeyStore:
         is_new = signature != self._signature or keys != self._keys
         self._store, self._signature, self._keys = StaticKeyStore(keys), signature, keys
         self._unconfirmed = None
-        self._is_read_in_its_tick = seen_ns - stat.st_mtime_ns < _MTIME_TICK_NS
+        self._is_read_in_its_tick = seen_ns - found.st_mtime_ns < _MTIME_TICK_NS
         if is_new:
             log.info("auth.keys_file_loaded", extra={"path": str(self._path), "keys": len(keys)})
             if self._warns_of_default_tenant:
                 lines = _keys_file_lines_naming(text, DEFAULT_TENANT)
                 _warn_of_default_tenant_keys(f"{self._path}:{number}" for number in lines)
+
+    def _mode_changed(self, mode: int, *, is_strict: bool) -> None:
+        """Take the file's new permission bits `mode`, warning (`auth.keys_file_writable`)
+        when they let its group or every user write it: a file loosened while serving (a
+        chmod, an editor's save by rename under a loose umask) let any of them add a key
+        for any tenant, and was said only at the next start. Not at the first read
+        (`is_strict`): `serve` says it then, once for all its workers."""
+        self._mode = mode
+        problem = None if is_strict else _writable_warning(self._path, mode)
+        if problem is not None:
+            log.warning("auth.keys_file_writable", extra={"problem": problem})
 
     def _is_held_once(self, seen: tuple[int, int, int]) -> bool:
         """Whether the keys held are kept one check more on finding the file empty or gone

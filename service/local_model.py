@@ -593,8 +593,14 @@ class LocalModelServer:
             await asyncio.sleep(delay_s)
             try:
                 await self._spawn(await asyncio.to_thread(ensure_model_file, self.config))
-            except Exception:  # LocalModelUnavailable, or an OSError spawning: try again
-                log.exception("local_model.restart_failed")
+            except Exception as exc:  # LocalModelUnavailable, or an OSError spawning: try again
+                # One line a try, as `local_model.exited`: a file replaced while serving
+                # fails every restart, each a traceback of lines that said nothing more.
+                log.error(
+                    "local_model.restart_failed",
+                    exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
+                    extra={"error": f"{type(exc).__name__}: {exc}", "restarts": self.restarts},
+                )
             else:
                 await self._announce()
 

@@ -128,7 +128,9 @@ SAID_BY_WORKER_0: Final = frozenset(
 # ...and, while serving, worker 0 alone these at WARNING (DEBUG in the others): each
 # worker finds the same file as the others, and worker 0 checks it between calls too
 # (`FileKeyStore.watch`), so it finds a problem there whichever worker serves the calls.
-SAID_BY_WORKER_0_WHILE_SERVING: Final = frozenset({"auth.keys_file_unusable"})
+SAID_BY_WORKER_0_WHILE_SERVING: Final = frozenset(
+    {"auth.keys_file_unusable", "auth.keys_file_writable"}
+)
 
 
 class SaidByWorker0(logging.Filter):

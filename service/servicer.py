@@ -89,6 +89,7 @@ from service.validation import (
     too_many_stop_sequences,
     too_many_tool_calls,
     too_many_tools,
+    unknown_role,
 )
 
 _ROLES = {
@@ -247,13 +248,8 @@ def chat_request_from_proto(
     for index, item in enumerate(wire_messages):
         role = _ROLES.get(item.role)
         if role is None:
-            violations.append(
-                FieldViolation(
-                    f"messages[{index}].role",
-                    "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL",
-                )
-            )
-            role = Role.USER
+            violations.append(unknown_role(index))
+            role = Role.USER  # held to no role's rules: `chat_request_violations`
         if item.tool_calls or item.tool_call_id or item.reasoning:
             wire_calls: Sequence[pb.ToolCall] = item.tool_calls
             if len(wire_calls) > MAX_TOOL_CALLS_PER_MESSAGE:  # refused by their count alone

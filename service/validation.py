@@ -47,6 +47,10 @@ _VISIBLE = re.compile(
 # and a tool's output (a shell's ANSI colours) come back as they came: refusing them would
 # stall a conversation or an agent loop on text the caller did not write.
 _CALLERS_ROLES = frozenset({Role.SYSTEM, Role.USER})
+# What a message's role, unset or a number the enum lacks, must be instead.
+ROLE_RULE = "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+_ROLE_FIELD = re.compile(r"messages\[(\d+)\]\.role")
+_NO_INDEXES: frozenset[int] = frozenset()
 # A caller's own key for a call or an item (an idempotency key, sent upstream; a batch
 # item's id, sent back with its result to be matched by the caller's tools): one line of
 # printable text, no longer than a model's name or, by default, a label's value.
@@ -145,12 +149,36 @@ def too_many_tools(count: int) -> FieldViolation:
     return FieldViolation("tools", f"at most {MAX_TOOLS} tools, got {count}")
 
 
+def unknown_role(index: int) -> FieldViolation:
+    """The violation of `messages[index]`, whose role on the wire is unset or unknown.
+
+    Its other fields are then held to no role's rules (`chat_request_violations`): which
+    of them it may carry, and whether its content may be empty, depends on its role.
+    """
+    return FieldViolation(f"messages[{index}].role", ROLE_RULE)
+
+
+def _unknown_roles(prior: Sequence[FieldViolation]) -> frozenset[int]:
+    """The indexes of the messages that `prior` refuses with `unknown_role`."""
+    indexes = []
+    for violation in prior:
+        matched = _ROLE_FIELD.fullmatch(violation.field)
+        if matched is not None and violation.description == ROLE_RULE:
+            indexes.append(int(matched[1]))
+    return frozenset(indexes)
+
+
 def chat_request_violations(
     request: ChatRequest, limits: RequestDefaults, *, prior: Sequence[FieldViolation] = ()
 ) -> list[FieldViolation]:
     """`prior` (found on the wire: unknown enums, counts over their limits), then every
-    invalid field of `request`, in field order."""
+    invalid field of `request`, in field order.
+
+    A message whose role `prior` refuses (`unknown_role`) is converted as ROLE_USER's,
+    but is held to no role's rules: its role's violation is all it gets.
+    """
     found = [*prior, *model_violations(request.model)]
+    unknown_roles = _unknown_roles(prior) if prior else _NO_INDEXES
     if not request.messages:
         found.append(FieldViolation("messages", "must contain at least one message"))
     elif len(request.messages) > limits.max_messages:
@@ -160,6 +188,14 @@ def chat_request_violations(
     call_ids: set[str] = set()  # of the tool calls of the messages so far
     for index, message in enumerate(request.messages[: limits.max_messages]):
         total_chars += len(message.content)
+        if unknown_roles and index in unknown_roles:
+            total_chars += len(message.reasoning)
+            if message.tool_calls or message.tool_call_id:
+                total_chars += _tool_message_violations(
+                    found, index, message, call_ids, is_role_known=False
+                )
+                tool_calls += len(message.tool_calls)
+            continue
         if message.tool_calls or message.tool_call_id or message.role is Role.TOOL:
             total_chars += _tool_message_violations(found, index, message, call_ids)
             tool_calls += len(message.tool_calls)
@@ -335,16 +371,22 @@ def _texts_of(request: ChatRequest) -> list[str]:
 
 
 def _tool_message_violations(
-    found: list[FieldViolation], index: int, message: Message, call_ids: set[str]
+    found: list[FieldViolation],
+    index: int,
+    message: Message,
+    call_ids: set[str],
+    *,
+    is_role_known: bool = True,
 ) -> int:
     """Check a message's tool calls or the call it answers; the characters they add.
 
     `call_ids` holds the ids of the tool calls of the messages before; this message's are
-    added.
+    added. Without `is_role_known`, only what holds whatever the role: its calls' count,
+    ids and names.
     """
     path = f"messages[{index}]"
     chars = len(message.tool_call_id)
-    if message.tool_calls and message.role is not Role.ASSISTANT:
+    if is_role_known and message.tool_calls and message.role is not Role.ASSISTANT:
         found.append(FieldViolation(f"{path}.tool_calls", "only on ROLE_ASSISTANT messages"))
     if len(message.tool_calls) > MAX_TOOL_CALLS_PER_MESSAGE:
         found.append(too_many_tool_calls(index, len(message.tool_calls)))
@@ -374,6 +416,8 @@ def _tool_message_violations(
                 f"must be 1 to {MAX_TOOL_CALL_FIELD} printable characters",
             )
         )
+    if not is_role_known:
+        return chars
     if message.role is Role.TOOL:
         if not message.tool_call_id:
             found.append(FieldViolation(f"{path}.tool_call_id", "required on ROLE_TOOL messages"))

@@ -1190,12 +1190,13 @@ class UpstreamClient:
                     self._refuse_eventless_stream(
                         response, head, on_status, is_empty=not decoder.has_pending
                     )
-                end = parser.end()
                 # Once output and its finish reason came, an event its end cut (its usage,
                 # `[DONE]`) is left unread, however the body ended (`next_chunk` above).
+                # Before `end`, which would tell a cut before the finish reason as none sent.
                 is_whole = parser.is_done or (has_output and parser.finish_reason is not None)
                 if not is_whole and decoder.has_pending:
                     raise MalformedReply("the stream was cut in the middle of an event")
+                end = parser.end()
                 if (last := _last_output(parser, splitter)) is not None:
                     tally.chars += output_chars(last)
                     yield last

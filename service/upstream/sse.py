@@ -21,8 +21,10 @@ import orjson
 
 _BOM = b"\xef\xbb\xbf"
 _ERROR_EVENT = b"event: error"
-# An error event without data, or with empty data: still an error, but one that says
-# nothing a caller could be told it said.
+# An error event whose data says nothing (`data:` alone, `{}`, `null`, llama.cpp's
+# `error: null`): still an error, but one that says nothing a caller could be told it
+# said. An `event: error` with no `data` field at all is no event: the spec dispatches
+# none, as for any other event without data.
 _NO_MESSAGE = '{"error":{"message":""}}'
 
 

@@ -70,6 +70,38 @@ async def test_each_invalid_field_is_named_in_bad_request(stub, upstream, reques
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [pb.Message(role=pb.ROLE_UNSPECIFIED, content="x", tool_call_id="call_1")],
+        [pb.Message(role=pb.ROLE_UNSPECIFIED, content="")],
+        [pb.Message(role=9, content="a\x00b")],  # type: ignore[arg-type]
+        [
+            pb.Message(
+                role=9,  # type: ignore[arg-type]
+                tool_calls=[pb.ToolCall(id="call_1", name="f", arguments="{}")],
+                reasoning="why",
+            ),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="call_1", content="21"),
+        ],
+    ],
+    ids=["tool-call-id", "empty", "control-characters", "tool-calls-answered"],
+)
+async def test_a_message_of_unknown_role_is_told_its_role_alone(stub, upstream, messages):
+    """A message whose role is unset or unknown gets one violation, on its role, naming
+    the roles it may have: none of the rules of a role it was never given (before, it was
+    held to ROLE_USER's: "tool_call_id: only on ROLE_TOOL messages"), and a tool's answer
+    to a call it carries is not refused as answering none."""
+    request = _request(messages=[pb.Message(role=pb.ROLE_USER, content="hi"), *messages])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Complete(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {
+        "messages[1].role": "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"
+    }
+    assert upstream.requests == []
+
+
 async def _refusals(stub: pb_grpc.CompletionServiceStub, content: str) -> list[status_pb2.Status]:
     """How Complete, CompleteStream and a CompleteBatch item refuse a user message of
     `content`: each one's google.rpc.Status."""

@@ -39,7 +39,12 @@ OpenAI.do_GET = do_GET
 def _stand_in(tmp_path: Path) -> Path:
     python = tmp_path / "python"
     script = _STAND_IN.format(
-        python=sys.executable, model=MODEL, delay_s=0.0, dies_once="", fails_first=False
+        python=sys.executable,
+        model=MODEL,
+        delay_s=0.0,
+        dies_once="",
+        fails_first=False,
+        refusal="",
     )
     serve = "http.server.ThreadingHTTPServer"
     script = script.replace(serve, _BUSY.format(here=str(tmp_path)) + serve, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import signal
 import socket
@@ -359,6 +360,39 @@ async def test_a_restart_assembles_the_model_file_again_when_it_is_gone(
     assert len(assembled) == 1
     assert model.read_bytes() == STAND_IN_MODEL
     assert await _call(gateway.stub) == grpc.StatusCode.OK
+
+
+async def test_a_failed_restart_is_one_line_naming_its_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart that fails (its model file replaced by one llama.cpp could not load) is
+    logged in one line, `local_model.restart_failed` with the error's type and message;
+    its traceback only at DEBUG. Before, every try wrote the whole traceback at ERROR."""
+    model, stand_in = stand_in_local_model(tmp_path)
+    config = LocalModelConfig(model=MODEL, model_path=str(model), restart_backoff_s=0.1)
+
+    def failed() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.message == "local_model.restart_failed"]
+
+    caplog.set_level(logging.INFO, logger="llm_gateway.local_model")
+    async with LocalModelServer(config, python=str(stand_in)) as server:
+        first = server.pid
+        assert first is not None
+        model.write_text("<html>not found</html>")
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(20):
+            while not failed():
+                await asyncio.sleep(0.02)
+        caplog.set_level(logging.DEBUG, logger="llm_gateway.local_model")
+        async with asyncio.timeout(20):
+            while len(failed()) < 2:
+                await asyncio.sleep(0.02)
+    quiet, debugging = failed()[:2]
+    assert quiet.levelno == logging.ERROR
+    assert quiet.exc_info is None
+    assert quiet.error.startswith("LocalModelUnavailable: local_model.model_path: ")  # type: ignore[attr-defined]
+    assert debugging.exc_info is not None
+    assert debugging.exc_info[0] is LocalModelUnavailable
 
 
 async def _local_health(stub: pb_grpc.CompletionServiceStub) -> list[int]:

@@ -859,6 +859,22 @@ async def test_node_example_names_the_address_variable_whose_value_it_refuses(
     assert (returncode, stdout, stderr) == (2, "", f"example: {said}\n")
 
 
+async def test_node_example_names_the_api_key_variable_whose_value_it_refuses(
+    node_scenarios: NodeScenarios,
+) -> None:
+    """A $LLM_GATEWAY_API_KEY gRPC metadata cannot carry (a stray newline) is a bad option
+    naming the variable, exit 2, as in the Python CLI; an `--api-key` so, naming the
+    option. Before, both were refused as the client's `apiKey`, an option never typed."""
+    example = node_scenarios.example
+    uncarried = "the caller key has characters gRPC metadata cannot carry (a stray newline?)"
+    env = {"LLM_GATEWAY_API_KEY": "key\n"}
+    returncode, stdout, stderr = await run_process(example, "Say hi", env=env)
+    said = f"environment variable LLM_GATEWAY_API_KEY: {uncarried}"
+    assert (returncode, stdout, stderr) == (2, "", f"example: {said}\n")
+    returncode, stdout, stderr = await run_process(example, "--api-key=key\n", "Say hi", env=env)
+    assert (returncode, stdout, stderr) == (2, "", f"example: --api-key: {uncarried}\n")
+
+
 async def test_node_example_takes_its_api_key_from_the_flag_or_the_python_clis_variable(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, start_gateway: StartGateway
 ) -> None:

@@ -411,18 +411,29 @@ async def test_a_done_line_with_blanks_around_it_ends_the_stream_cleanly(
 
 
 @pytest.mark.parametrize(
-    ("done", "framing"),
+    ("done", "framing", "said"),
     [
-        pytest.param(b"data: [DO", "chunked", id="partial-done-then-clean-end"),
-        pytest.param(b"data: [DO", "close", id="partial-done-then-close"),
-        pytest.param(b"data: [DONE]\n", "reset", id="done-then-reset"),
+        pytest.param(
+            b"data: [DO",
+            "chunked",
+            "sent a malformed answer: the stream was cut in the middle of an event;",
+            id="partial-done-then-clean-end",
+        ),
+        pytest.param(
+            b"data: [DO",
+            "close",
+            "sent a malformed answer: the stream was cut in the middle of an event;",
+            id="partial-done-then-close",
+        ),
+        pytest.param(b"data: [DONE]\n", "reset", "dropped the connection;", id="done-then-reset"),
     ],
 )
 async def test_a_body_cut_before_its_finish_reason_is_an_interrupted_stream(
-    start_gateway: Callable[..., Any], done: bytes, framing: Framing
+    start_gateway: Callable[..., Any], done: bytes, framing: Framing, said: str
 ) -> None:
     """A partial `[DONE]` at the body's end, or a whole one before a reset, with no finish
-    reason before it: a cut stream, its usage reported or not."""
+    reason before it: a cut stream, its usage reported or not, that says how it was cut
+    (the partial one said "the stream ended without a finish reason", as if whole)."""
     upstream = SSEUpstream(chunk("Hel") + chunk("lo") + USAGE + done, framing=framing)
     async with upstream as url:
         gateway = await start_gateway(gateway_config(url))
@@ -432,6 +443,7 @@ async def test_a_body_cut_before_its_finish_reason_is_an_interrupted_stream(
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(error)[1] == "STREAM_INTERRUPTED"
+    assert (error.details() or "").startswith(f"upstream 'up0' {said}")
     assert upstream.requests == 1
 
 

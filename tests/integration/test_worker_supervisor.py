@@ -118,10 +118,10 @@ class _Log:
 
 @contextlib.asynccontextmanager
 async def _serve_logged(
-    *args: str, constants: dict[str, float] | None = None, setup: str = ""
+    *args: str, constants: dict[str, float] | None = None, setup: str = "", log_level: str = "INFO"
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, _Log]]:
-    """`_serve` at log level INFO, its stderr read meanwhile (INFO lines would fill the pipe)."""
-    async with _serve(*args, log_level="INFO", constants=constants, setup=setup) as process:
+    """`_serve` at `log_level`, its stderr read meanwhile (INFO lines would fill the pipe)."""
+    async with _serve(*args, log_level=log_level, constants=constants, setup=setup) as process:
         assert process.stderr is not None
         log = _Log(process.stderr)
         try:
@@ -425,6 +425,33 @@ async def test_a_keys_file_turned_unusable_is_said_by_worker_0_alone(tmp_path: P
     said = log.events("auth.keys_file_unusable")
     assert {line.split()[2] for line in said} == {"WARNING"}, said
     assert {line.rstrip().rpartition(" ")[2] for line in said} == {"worker=0"}, said
+
+
+async def test_a_keys_file_loosened_while_serving_is_said_by_worker_0_alone(
+    tmp_path: Path,
+) -> None:
+    """With `--workers 2`, a keys file made writable by every user while serving is
+    warned of once, by worker 0 (worker 1, which finds it too, says it at DEBUG).
+
+    Before, only the supervisor's check as the gateway started said it."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{hashlib.sha256(b'sk-worker-test').hexdigest()} t1\n")
+    keys.chmod(0o600)
+    auth = {"mode": "keys", "keys_file": str(keys), "keys_file_check_s": 0.1}
+    path = _write_config(tmp_path, auth=auth)
+    args = ("--config", str(path), "--workers", "2")
+    async with _serve_logged(*args, log_level="DEBUG") as (process, log):
+        await _listening(process)
+        keys.chmod(0o666)
+        await log.nth("auth.keys_file_writable", 2)  # each worker checks it between calls
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            assert await process.wait() == 0
+    said = sorted(
+        (line.split()[2], line.rstrip().rpartition(" ")[2])
+        for line in log.events("auth.keys_file_writable")
+    )
+    assert said == [("DEBUG", "worker=1"), ("WARNING", "worker=0")]
 
 
 async def test_a_keys_file_whose_read_hangs_keeps_no_gateway_from_exiting(

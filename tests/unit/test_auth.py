@@ -380,6 +380,42 @@ async def test_keys_file_changes_are_picked_up_after_the_check_interval(tmp_path
     assert await store.tenant_for(hash_key("one")) is None
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+async def test_a_keys_file_loosened_while_serving_is_warned_of_once_a_change(tmp_path, caplog):
+    """A keys file made writable by its group or every user while serving (`serve` warns
+    of it only as it starts) is warned of at the next check that sees its new mode, once:
+    not again at the checks after, and again at a later change that leaves it so.
+
+    Before, a file loosened after the start was never said: any user could add a key."""
+    path = tmp_path / "keys"
+    path.write_text(f"{hash_key('one')} team-a\n")
+    path.chmod(0o600)
+    clock = _Clock()
+    caplog.set_level(logging.WARNING, logger="llm_gateway.auth")
+    store = FileKeyStore(path, check_s=2.0, clock=clock)
+
+    async def warned_after_a_check() -> list[str]:
+        clock.t += 5
+        assert await store.tenant_for(hash_key("one")) == "team-a"
+        said = [r.problem for r in caplog.records if r.message == "auth.keys_file_writable"]
+        caplog.clear()
+        return said
+
+    path.chmod(0o644)  # readable by all, writable by its owner alone: no key to add
+    assert await warned_after_a_check() == []
+    path.chmod(0o666)
+    assert [p.split(" is ")[1] for p in await warned_after_a_check()] == [
+        "writable by every user: whoever can write it can give themselves a key for any "
+        f"tenant; chmod 600 {path} (640 if the gateway reads it through its group)"
+    ]
+    assert await warned_after_a_check() == []
+    path.chmod(0o620)
+    [said] = await warned_after_a_check()
+    assert f"{path} (mode 0620) is writable by its group" in said
+    path.chmod(0o600)
+    assert await warned_after_a_check() == []
+
+
 def test_a_malformed_keys_file_is_a_startup_error(tmp_path):
     """At startup a malformed keys file raises instead of silently admitting nobody."""
     path = tmp_path / "keys"

@@ -907,22 +907,22 @@ function isLoopbackHostPort(target: string): boolean {
 }
 
 /**
- * Refuse an `apiKey` gRPC metadata cannot carry, naming the option but never the key.
- * Not a string (a number, an object, a Buffer read without "utf8"): the regular expression
- * and the header took its `String()`, and `Bearer 42` or `Bearer [object Object]` went
- * out, refused as an unknown key, where the Python client raises a TypeError (for bytes
- * too). Null or undefined is none.
+ * Refuse an `apiKey` gRPC metadata cannot carry, naming the option (`name`) but never the
+ * key. Not a string (a number, an object, a Buffer read without "utf8"): the regular
+ * expression and the header took its `String()`, and `Bearer 42` or `Bearer [object Object]`
+ * went out, refused as an unknown key, where the Python client raises a TypeError (for
+ * bytes too). Null or undefined is none.
  */
-function checkApiKey(apiKey: unknown): void {
+export function checkApiKey(apiKey: unknown, name = "apiKey"): void {
   if (apiKey === undefined || apiKey === null) {
     return;
   }
   if (typeof apiKey !== "string") {
-    throw new TypeError(`apiKey: expected a string, got ${kindOf(apiKey)}`);
+    throw new TypeError(`${name}: expected a string, got ${kindOf(apiKey)}`);
   }
   if (!/^[ -~]*$/.test(apiKey)) {
     // grpc-js would refuse it at each call with an error that repeats the key.
-    throw new Error("apiKey has characters gRPC metadata cannot carry (a stray newline?)");
+    throw new Error(`${name} has characters gRPC metadata cannot carry (a stray newline?)`);
   }
 }
 

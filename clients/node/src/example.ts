@@ -12,7 +12,8 @@
  * `--model` defaults, as in the Python CLI, to gemma-3-270m (the quick start's local model).
  * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051
  * (an invalid value of the variable is a bad option naming it, as in the Python CLI);
- * `--api-key` (a gateway with `auth.mode: keys`) to $LLM_GATEWAY_API_KEY. `--timeout` is
+ * `--api-key` (a gateway with `auth.mode: keys`) to $LLM_GATEWAY_API_KEY (a key gRPC
+ * metadata cannot carry is a bad option naming the option or the variable). `--timeout` is
  * each call's, in seconds, above 0 and at most 1e6, 300 by default, as the Python CLI's.
  *
  * TLS takes the Python CLI's options and variables: `--tls` ($LLM_GATEWAY_TLS) verifies the
@@ -30,6 +31,7 @@ import * as util from "node:util";
 
 import {
   checkAddress,
+  checkApiKey,
   DEFAULT_TIMEOUT_MS,
   GatewayCallError,
   GatewayClient,
@@ -105,6 +107,23 @@ function addressOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): string {
   return value;
 }
 
+/**
+ * `--api-key`, else $LLM_GATEWAY_API_KEY (empty: none), checked here, where its refusal
+ * can name the option or the variable, as the Python CLI's does: the client's own named
+ * its `apiKey`, an option no reader of the example typed.
+ */
+function apiKeyOf(flags: Map<string, string>, env: NodeJS.ProcessEnv): string | undefined {
+  const flag = flags.get("--api-key");
+  const value = flag ?? (env.LLM_GATEWAY_API_KEY || undefined);
+  try {
+    checkApiKey(value, "the caller key");
+  } catch (error) {
+    const source = flag !== undefined ? "--api-key" : "environment variable LLM_GATEWAY_API_KEY";
+    throw new Error(`${source}: ${(error as Error).message}`);
+  }
+  return value;
+}
+
 /** $LLM_GATEWAY_TLS on or off; neither is an error, as plaintext would be a guess. */
 function tlsFromEnv(env: NodeJS.ProcessEnv): boolean {
   const value = env.LLM_GATEWAY_TLS ?? "";
@@ -170,7 +189,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
   }
   return {
     address: addressOf(flags, env),
-    apiKey: flags.get("--api-key") ?? (env.LLM_GATEWAY_API_KEY || undefined),
+    apiKey: apiKeyOf(flags, env),
     model: flags.get("--model") ?? DEFAULT_MODEL,
     prompt: rest.length > 0 ? rest.join(" ") : "Say hi",
     timeoutMs: timeoutMsOf(flags.get("--timeout")),
