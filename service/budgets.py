@@ -183,7 +183,8 @@ class Budgets:
         held = f" and reserved ${reserved:.6f} for calls in flight" if reserved else ""
         message = (
             f"tenant {request.tenant!r} has spent ${spent:.6f}{held} of its "
-            f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget"
+            f"${budget.usd:.6f} {_ADJECTIVE[budget.period]} budget; this call is expected "
+            f"to cost ${cost_usd:.6f}"
         )
         subject = f"tenant:{request.tenant}"
         if reservation.fits_without_calls_in_flight(budget.usd):

@@ -811,3 +811,34 @@ async def test_reservations_past_2_63_pico_dollars_are_held_and_released(
     for call in first:
         assert (await call).content
     await nothing_reserved(gateway)
+
+
+async def test_a_refusal_for_the_calls_own_cost_names_that_cost(upstream, start_gateway):
+    """A tenant that has spent half a percent of its budget is refused a call whose
+    `max_tokens` would take it past the limit: the refusal names what that call is
+    expected to cost, so the caller sees why (and that a smaller `max_tokens` passes).
+
+    Before, it said only "has spent $0.016000 of its $3.010000 daily budget", which read
+    as a refusal with almost the whole budget left."""
+    price = ModelConfig(
+        context_window=4096, input_usd_per_million=1000.0, output_usd_per_million=3000.0
+    )
+    models = {
+        FAKE_MODEL: {
+            "context_window": price.context_window,
+            "input_usd_per_million": price.input_usd_per_million,
+            "output_usd_per_million": price.output_usd_per_million,
+        }
+    }
+    budgets = {"default": {"usd": 3.01, "period": "day"}}
+    gateway = await start_gateway(gateway_config(upstream.base_url, models=models, budgets=budgets))
+    assert (await gateway.stub.Complete(chat("call a"))).metadata.cost_usd == 0.016
+    prompt = estimate_prompt_tokens((Message(Role.USER, "call b"),))
+    expected = cost_usd(Usage(input_tokens=prompt, output_tokens=MAX_TOKENS), price)
+    refused = await outcome(gateway.stub.Complete(capped("call b")))
+    assert isinstance(refused, grpc.aio.AioRpcError), refused
+    assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (refused.details() or "").startswith(
+        "tenant 'default' has spent $0.016000 of its $3.010000 daily budget"
+    )
+    assert f"this call is expected to cost ${expected:.6f}" in (refused.details() or "")
