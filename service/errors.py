@@ -20,7 +20,9 @@
         ├── UpstreamAuthRejected  401/402/403: the upstream's key or account, not the caller's
         ├── UpstreamRejected      INVALID_ARGUMENT: 400/404/422, the request itself, with
         │   │                     what the upstream said of it (`RelayedError`)
-        │   └── UpstreamLacksModel a 404 (or a 400 saying so): no such model there, failed over
+        │   ├── UpstreamLacksModel a 404 (or a 400 saying so): no such model there, failed over
+        │   └── UpstreamTemplateRefused the local model's chat template refused the messages
+        │                         (its HTTP 500): failed over
         ├── UpstreamTimeout       the upstream took longer than its timeout
         └── SummarizePartFailed   one part of a Summarize still failed after its retries
 
@@ -533,6 +535,15 @@ class UpstreamLacksModel(UpstreamRejected):
     dropped or renamed it, or never had it. Nothing is wrong with the request, and another
     upstream of the model may serve it: failed over, not retried there, and with no other
     upstream left the caller is told as for any refusal."""
+
+
+class UpstreamTemplateRefused(UpstreamRejected):
+    """The local model's chat template refused the request's messages (its
+    `raise_exception`, which llama.cpp's server answers with HTTP 500): the caller's
+    request, not the model, failed there. Another upstream of the model (a provider
+    serving it beside the local one) may take the messages: failed over, as for an
+    upstream lacking the model, never retried there, and with no other upstream left
+    the caller is told this refusal."""
 
 
 class UpstreamRefusedSilently(UpstreamRejected):

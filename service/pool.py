@@ -46,6 +46,7 @@ from service.errors import (
     UpstreamLacksModel,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
+    UpstreamTemplateRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
     attempt_failure,
@@ -97,6 +98,13 @@ CIRCUIT_OPEN = "circuit open"
 MODEL_CIRCUIT_OPEN = "circuit open for this model"
 # Why a call skips an upstream that answered it has no such model (`UpstreamLacksModel`).
 LACKS_MODEL = "model not served there"
+# Why a call skips an upstream whose chat template refused its messages
+# (`UpstreamTemplateRefused`).
+TEMPLATE_REFUSED = "messages its chat template refuses"
+# Why an upstream will not serve the call later either: a retry is not for it.
+_NOT_SERVED_THERE = frozenset({LACKS_MODEL, TEMPLATE_REFUSED})
+# The failures that say so (`_why_ruled_out`).
+_NotServedThere = UpstreamLacksModel | UpstreamTemplateRefused
 
 
 # An upstream timeout this close to the caller's deadline was the deadline's doing: both
@@ -274,9 +282,10 @@ class _Progress:
 
     def failed(self, exc: UpstreamError, route: Route) -> None:
         """An attempt on `route` failed with `exc`, which becomes the last failure unless it
-        is an upstream's lack of the model after a failure time may mend (a 5xx): that one
-        says why the call failed, and its upstream is where a retry goes, not the lack."""
-        if isinstance(exc, UpstreamLacksModel) and self.last_error is not None:
+        is an upstream's lack of the model (or its chat template's refusal of the messages)
+        after a failure time may mend (a 5xx): that one says why the call failed, and its
+        upstream is where a retry goes, not the lack."""
+        if isinstance(exc, _NotServedThere) and self.last_error is not None:
             return
         self.last_error, self.last_route = exc, route
 
@@ -473,6 +482,8 @@ def _why_ruled_out(exc: UpstreamError) -> str:
     """Why a failover-only error (`is_failover_only`) rules its upstream out of the call."""
     if isinstance(exc, UpstreamLacksModel):
         return LACKS_MODEL
+    if isinstance(exc, UpstreamTemplateRefused):
+        return TEMPLATE_REFUSED
     return "not an OpenAI server" if isinstance(exc, UpstreamNotOpenAI) else "key rejected"
 
 
@@ -1126,9 +1137,10 @@ class UpstreamPool:
 
     def _give_up(self, model: str, plan: _CallPlan, last_error: UpstreamError | None) -> Exception:
         """The error to raise when no attempt is left: the last failure, or why none ran."""
-        if isinstance(last_error, UpstreamLacksModel):
+        if isinstance(last_error, _NotServedThere):
             if not self._kept_off_serving(plan):
-                # Every upstream tried lacks the model: a refusal, as from a single one.
+                # Every upstream tried lacks the model (or refuses the messages): a
+                # refusal, as from a single one.
                 return last_error
             # One that may serve it is only kept off for now (its breaker, a restart):
             # the caller's retry may reach it, as after any call none of whose
@@ -1192,11 +1204,12 @@ class UpstreamPool:
         return error
 
     def _kept_off_serving(self, plan: _CallPlan) -> bool:
-        """Whether an upstream of `plan` not known to lack the model was kept off the call
-        (ruled out, or its breaker refusing calls): one that may serve it later."""
+        """Whether an upstream of `plan` not known to lack the model (or to refuse the
+        messages) was kept off the call (ruled out, or its breaker refusing calls): one
+        that may serve it later."""
         for route in plan.order:
             why = plan.excluded.get(route.client.name) or self._why_breaker_refuses(route)
-            if why is not None and why != LACKS_MODEL:
+            if why is not None and why not in _NOT_SERVED_THERE:
                 return True
         return False
 

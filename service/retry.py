@@ -20,6 +20,7 @@ from service.errors import (
     UpstreamLacksModel,
     UpstreamNotOpenAI,
     UpstreamRateLimited,
+    UpstreamTemplateRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -72,9 +73,14 @@ def is_retryable(error: BaseException) -> bool:
 def is_failover_only(error: BaseException) -> bool:
     """Whether the error rules out this upstream but another one may still serve the call:
     its key rejected, an answer from some other server than an OpenAI one (a wrong
-    base_url's login page will not have changed by the next backoff), or no such model
-    there (a provider that dropped or renamed it; the request is fine elsewhere)."""
-    return isinstance(error, UpstreamAuthRejected | UpstreamNotOpenAI | UpstreamLacksModel)
+    base_url's login page will not have changed by the next backoff), no such model
+    there (a provider that dropped or renamed it; the request is fine elsewhere), or
+    messages the local model's chat template refuses (a provider serving the model beside
+    it takes them)."""
+    return isinstance(
+        error,
+        UpstreamAuthRejected | UpstreamNotOpenAI | UpstreamLacksModel | UpstreamTemplateRefused,
+    )
 
 
 def counts_against_health(error: BaseException) -> bool:

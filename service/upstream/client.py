@@ -30,6 +30,7 @@ from service.errors import (
     UpstreamRateLimitedMidStream,
     UpstreamRefusedSilently,
     UpstreamRejected,
+    UpstreamTemplateRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
     clipped,
@@ -239,14 +240,14 @@ def _error_for_status(
 
 def _template_refusal(
     upstream: str, body: bytes, secrets: Iterable[str], request_refusals: frozenset[str]
-) -> UpstreamRejected | None:
+) -> UpstreamTemplateRefused | None:
     """The refusal a 500 stands for when its message is one of `request_refusals`: the
     chat template refused the caller's messages, which no retry and no other moment mends;
     None when it is another failure."""
     relayed = relayed_error(body, secrets=secrets)
     if relayed is None or not relayed.message.startswith(tuple(request_refusals)):
         return None
-    return UpstreamRejected(
+    return UpstreamTemplateRefused(
         f"upstream {upstream!r} refused the request: the model's chat template does not "
         "take these messages (HTTP 500)",
         upstream=upstream,

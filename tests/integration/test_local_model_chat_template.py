@@ -21,6 +21,7 @@ import yaml
 
 from llmgateway.v1 import gateway_pb2 as pb
 from service.config import parse_config
+from tests.fake_upstream import Reply
 from tests.gguf_files import gguf_with
 from tests.integration.helpers import error_info
 from tests.integration.test_local_model_restart import (
@@ -29,6 +30,7 @@ from tests.integration.test_local_model_restart import (
     serve_with_stand_in,
     stand_in_local_model,
 )
+from tests.scripted_upstream import ScriptedUpstream
 
 
 async def _serve(
@@ -174,3 +176,42 @@ async def test_messages_the_chat_template_refuses_are_the_callers_error_not_the_
         assert caught.value.details().endswith(f"(HTTP 500): {_ROLES_REFUSAL}")
         info = error_info(caught.value)
         assert (info.reason, info.metadata["upstream"]) == ("UPSTREAM_REJECTED_REQUEST", "local")
+
+
+async def test_messages_the_chat_template_refuses_fail_over_to_a_provider_of_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Callable[..., Any]
+) -> None:
+    """A provider serving the local model's name beside it takes the messages the local
+    template refuses: the refusal rules the local model out of the call, as an upstream
+    lacking the model is, and the call (unary or a stream) is served by the provider.
+
+    Before, every call routed to the local model first ended INVALID_ARGUMENT, about half
+    of them, though the provider would have answered (as it did while that refusal was a
+    500, retried elsewhere)."""
+    model, stand_in = stand_in_local_model(tmp_path, refusal=_ROLES_REFUSAL)
+    model.write_bytes(gguf_with({"tokenizer.chat_template": _ALTERNATING_TEMPLATE}))
+    run_stand_in_as_llama(monkeypatch, stand_in)
+    local = {"enabled": "always", "model_path": str(model), "chat_format": "chat_template.default"}
+    async with ScriptedUpstream(models=(MODEL,), respond=lambda _: Reply(content="hi")) as cloud:
+        data = {
+            "server": {"listen": "127.0.0.1:0"},
+            "local_model": local,
+            "upstreams": [{"name": "cloud", "base_url": cloud.base_url, "models": [MODEL]}],
+        }
+        gateway = await start_gateway(parse_config(data, source="<test>", environ={}))
+        twice = [pb.Message(role=pb.ROLE_USER, content=text) for text in ("a", "b")]
+        served = []
+        for _ in range(2):
+            answer = await gateway.stub.Complete(pb.CompleteRequest(model=MODEL, messages=twice))
+            served.append((answer.content, answer.metadata.upstream, answer.metadata.attempts))
+        for _ in range(2):
+            stream = gateway.stub.CompleteStream(
+                pb.CompleteStreamRequest(model=MODEL, messages=twice)
+            )
+            events = [event async for event in stream]
+            text = "".join(e.delta.content for e in events if e.HasField("delta"))
+            final = events[-1].final
+            served.append((text, final.upstream, final.attempts))
+    assert [(text, upstream) for text, upstream, _ in served] == [("hi", "cloud")] * 4
+    # The local model was tried first, and refused, for some of them (round robin).
+    assert {attempts for _, _, attempts in served} == {1, 2}
