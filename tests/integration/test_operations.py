@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
 import pytest_asyncio
 import yaml
@@ -34,6 +38,7 @@ from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gatewa
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
 from tests.integration.gateway_process import listening_port
+from tests.integration.test_resilience import settle
 from tests.redis_server import RedisServer
 from tests.secret_capture import record_emitted, register_secret
 
@@ -105,6 +110,50 @@ async def test_stopping_ends_health_watches_once_the_last_call_is_done(start_gat
                 statuses.append(update.status)
         assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
         assert await watch.code() == grpc.StatusCode.OK
+
+
+async def _unread_health_watch(port: int) -> asyncio.StreamWriter:
+    """A health Watch over raw HTTP/2 whose stream's flow-control window is 0: the
+    server can write it no status, as to a caller that reads nothing. Returned once its
+    response has begun (the first status waiting on the window)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/grpc.health.v1.Health/Watch"),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    connection.send_headers(1, headers)
+    body = health_pb2.HealthCheckRequest(service="").SerializeToString()
+    connection.send_data(1, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    writer.write(connection.data_to_send())
+    events: list[h2.events.Event] = []
+    async with asyncio.timeout(10):
+        while not any(isinstance(e, h2.events.ResponseReceived) for e in events):
+            events += connection.receive_data(await reader.read(65536))
+            writer.write(connection.data_to_send())
+    return writer
+
+
+async def test_a_health_watch_that_reads_nothing_does_not_hold_the_stop(start_gateway):
+    """grpc's health servicer wrote a Watch's status holding the lock that setting a
+    status takes: one Watch whose caller read nothing held the stop at its first step
+    (NOT_SERVING) for as long as that caller stayed connected, the server serving on,
+    SERVING, through SIGTERM."""
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        unread = await _unread_health_watch(gateway.server.port)
+        try:
+            stopping = asyncio.ensure_future(gateway.server.stop(grace_s=1))
+            assert await settle(stopping.done, timeout_s=30)
+            await stopping
+        finally:
+            unread.close()
 
 
 async def test_stopping_ends_reflection_streams_once_the_last_call_is_done(start_gateway):
