@@ -16,6 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
@@ -672,10 +673,11 @@ class EndableHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # un
 
 class EndableReflection(ReflectionServicer):  # type: ignore[misc]  # grpc_reflection is untyped
     """grpc's reflection service, whose streams end once `ended` is set: a tool's session
-    may hold one open, and the server's stop would wait its whole grace for it."""
+    may hold one open, and the server's stop would wait its whole grace for it. It also
+    finds the file of a service's method (`MethodFindingPool`)."""
 
     def __init__(self, service_names: list[str], *, ended: asyncio.Event) -> None:
-        super().__init__(service_names)
+        super().__init__(service_names, pool=MethodFindingPool(descriptor_pool.Default()))
         self._ended = ended
 
     async def ServerReflectionInfo(
@@ -685,6 +687,33 @@ class EndableReflection(ReflectionServicer):  # type: ignore[misc]  # grpc_refle
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
         async for response in super().ServerReflectionInfo(_until(self._ended, requests), context):
             yield response
+
+
+class MethodFindingPool:
+    """A descriptor pool whose `FindFileContainingSymbol` also finds a service's method
+    (`pkg.Service.Method`), as the reflection protocol asks and `grpcurl describe` of a
+    method needs: protobuf's own pool finds no method by name (grpc/grpc#34743)."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        """The file declaring `symbol`, a method's too; KeyError when none does."""
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                pass
+            else:
+                if method in service.methods_by_name:
+                    return service.file
+            raise
 
 
 _Item = TypeVar("_Item")

@@ -21,7 +21,7 @@ import h2.settings
 import pytest
 import pytest_asyncio
 import yaml
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -199,6 +199,30 @@ async def test_reflection_lists_and_calls_service_without_proto_files(gateway):
     assert "llmgateway.v1.CompletionService" in services
     assert "grpc.health.v1.Health" in services
     assert content == "Hello from fake"
+
+
+@pytest.mark.parametrize(
+    ("symbol", "file"),
+    [
+        ("llmgateway.v1.CompletionService.Complete", "llmgateway/v1/gateway.proto"),
+        ("grpc.health.v1.Health.Watch", "grpc_health/v1/health.proto"),
+    ],
+)
+async def test_reflection_finds_the_file_of_a_method(gateway, symbol, file):
+    """`grpcurl describe llmgateway.v1.CompletionService.Complete` asks for the file
+    containing the method, as the reflection protocol allows: grpc-python's servicer
+    answered NOT_FOUND (its descriptor pool finds no method by name), grpc/grpc#34743."""
+    session = reflection_pb2_grpc.ServerReflectionStub(gateway.channel).ServerReflectionInfo()
+    for asked in (symbol, symbol + "Nope"):
+        await session.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=asked))
+    found, unknown = await session.read(), await session.read()
+    await session.done_writing()
+    names = [
+        descriptor_pb2.FileDescriptorProto.FromString(proto).name
+        for proto in found.file_descriptor_response.file_descriptor_proto
+    ]
+    assert file in names
+    assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def _write_config(tmp_path: Path, base_url: str, **server: object) -> Path:
