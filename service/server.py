@@ -16,8 +16,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
@@ -604,40 +604,80 @@ def _grpc_ms(seconds: float) -> int:
     return round(min(seconds * 1000, _GRPC_MAX_MS))
 
 
-class EndableHealth(HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
-    """grpc's health service, whose Watch streams can be ended (they never end on their own)."""
+class EndableHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # untyped
+    """The standard health service (Check and Watch, statuses set by the server), whose
+    Watch streams can be ended (they never end on their own).
+
+    Not grpc_health's own servicer: it writes each status to a Watch stream holding the
+    lock that setting a status takes, so one Watch whose caller read nothing (its flow-
+    control window at 0) held every `set` until that caller left, and with it the stop
+    (NOT_SERVING is its first step): the server served on, SERVING, through SIGTERM. A
+    status set here is only published; each Watch writes it in its own time.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Event()  # set, and replaced, by each change
+        self._is_shutting_down = False
         self.ended = asyncio.Event()  # set by `end_watches`
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._statuses.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND)
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        watching = asyncio.ensure_future(super().Watch(request, context))
-        ended = asyncio.ensure_future(self.ended.wait())
-        try:
-            await asyncio.wait([watching, ended], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (watching, ended):
-                task.cancel()
-            await asyncio.gather(watching, ended, return_exceptions=True)
-        failure = watching.exception() if watching.done() and not watching.cancelled() else None
-        if failure is not None:
-            raise failure
+        """Write the service's status, then each that differs from the last written, until
+        `end_watches`. A write in progress is not cut short: grpc would log the status
+        sent over it as an error, and the call lasts till its caller reads on or leaves
+        (or the stop's grace ends) either way."""
+        written = None
+        while not self.ended.is_set():
+            changed = self._changed  # before the write: a change during it is not missed
+            status = self._statuses.get(
+                request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            )
+            if status != written:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                written = status
+            await changed.wait()
+
+    async def set(self, service: str, status: int) -> None:
+        """Set `service`'s status (ignored once shutting down: it stays NOT_SERVING)."""
+        if not self._is_shutting_down:
+            self._statuses[service] = status
+            self._publish()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING, for good."""
+        self._is_shutting_down = True
+        for service in self._statuses:
+            self._statuses[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+        self._publish()
+
+    def _publish(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def end_watches(self) -> None:
         """End every Watch stream, open or to come, and every reflection stream
         (`EndableReflection`), with OK: the server is going away."""
         self.ended.set()
+        self._publish()  # the Watch streams waiting for a change see it
 
 
 class EndableReflection(ReflectionServicer):  # type: ignore[misc]  # grpc_reflection is untyped
     """grpc's reflection service, whose streams end once `ended` is set: a tool's session
-    may hold one open, and the server's stop would wait its whole grace for it."""
+    may hold one open, and the server's stop would wait its whole grace for it. It also
+    finds the file of a service's method (`MethodFindingPool`)."""
 
     def __init__(self, service_names: list[str], *, ended: asyncio.Event) -> None:
-        super().__init__(service_names)
+        super().__init__(service_names, pool=MethodFindingPool(descriptor_pool.Default()))
         self._ended = ended
 
     async def ServerReflectionInfo(
@@ -647,6 +687,33 @@ class EndableReflection(ReflectionServicer):  # type: ignore[misc]  # grpc_refle
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
         async for response in super().ServerReflectionInfo(_until(self._ended, requests), context):
             yield response
+
+
+class MethodFindingPool:
+    """A descriptor pool whose `FindFileContainingSymbol` also finds a service's method
+    (`pkg.Service.Method`), as the reflection protocol asks and `grpcurl describe` of a
+    method needs: protobuf's own pool finds no method by name (grpc/grpc#34743)."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        """The file declaring `symbol`, a method's too; KeyError when none does."""
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                pass
+            else:
+                if method in service.methods_by_name:
+                    return service.file
+            raise
 
 
 _Item = TypeVar("_Item")

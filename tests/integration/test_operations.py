@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
 import pytest_asyncio
 import yaml
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -34,6 +38,7 @@ from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gatewa
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
 from tests.integration.gateway_process import listening_port
+from tests.integration.test_resilience import settle
 from tests.redis_server import RedisServer
 from tests.secret_capture import record_emitted, register_secret
 
@@ -107,6 +112,50 @@ async def test_stopping_ends_health_watches_once_the_last_call_is_done(start_gat
         assert await watch.code() == grpc.StatusCode.OK
 
 
+async def _unread_health_watch(port: int) -> asyncio.StreamWriter:
+    """A health Watch over raw HTTP/2 whose stream's flow-control window is 0: the
+    server can write it no status, as to a caller that reads nothing. Returned once its
+    response has begun (the first status waiting on the window)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/grpc.health.v1.Health/Watch"),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    connection.send_headers(1, headers)
+    body = health_pb2.HealthCheckRequest(service="").SerializeToString()
+    connection.send_data(1, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    writer.write(connection.data_to_send())
+    events: list[h2.events.Event] = []
+    async with asyncio.timeout(10):
+        while not any(isinstance(e, h2.events.ResponseReceived) for e in events):
+            events += connection.receive_data(await reader.read(65536))
+            writer.write(connection.data_to_send())
+    return writer
+
+
+async def test_a_health_watch_that_reads_nothing_does_not_hold_the_stop(start_gateway):
+    """grpc's health servicer wrote a Watch's status holding the lock that setting a
+    status takes: one Watch whose caller read nothing held the stop at its first step
+    (NOT_SERVING) for as long as that caller stayed connected, the server serving on,
+    SERVING, through SIGTERM."""
+    async with FakeUpstream() as fake:
+        gateway = await start_gateway(gateway_config(fake.base_url))
+        unread = await _unread_health_watch(gateway.server.port)
+        try:
+            stopping = asyncio.ensure_future(gateway.server.stop(grace_s=1))
+            assert await settle(stopping.done, timeout_s=30)
+            await stopping
+        finally:
+            unread.close()
+
+
 async def test_stopping_ends_reflection_streams_once_the_last_call_is_done(start_gateway):
     """A reflection stream (a tool's session, such as evans', holds one open) did not end
     with the gateway's last call, as health Watch streams do: stop() waited out the whole
@@ -150,6 +199,30 @@ async def test_reflection_lists_and_calls_service_without_proto_files(gateway):
     assert "llmgateway.v1.CompletionService" in services
     assert "grpc.health.v1.Health" in services
     assert content == "Hello from fake"
+
+
+@pytest.mark.parametrize(
+    ("symbol", "file"),
+    [
+        ("llmgateway.v1.CompletionService.Complete", "llmgateway/v1/gateway.proto"),
+        ("grpc.health.v1.Health.Watch", "grpc_health/v1/health.proto"),
+    ],
+)
+async def test_reflection_finds_the_file_of_a_method(gateway, symbol, file):
+    """`grpcurl describe llmgateway.v1.CompletionService.Complete` asks for the file
+    containing the method, as the reflection protocol allows: grpc-python's servicer
+    answered NOT_FOUND (its descriptor pool finds no method by name), grpc/grpc#34743."""
+    session = reflection_pb2_grpc.ServerReflectionStub(gateway.channel).ServerReflectionInfo()
+    for asked in (symbol, symbol + "Nope"):
+        await session.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=asked))
+    found, unknown = await session.read(), await session.read()
+    await session.done_writing()
+    names = [
+        descriptor_pb2.FileDescriptorProto.FromString(proto).name
+        for proto in found.file_descriptor_response.file_descriptor_proto
+    ]
+    assert file in names
+    assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def _write_config(tmp_path: Path, base_url: str, **server: object) -> Path:
