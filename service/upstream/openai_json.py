@@ -843,15 +843,26 @@ def parse_completion(
 ) -> UpstreamReply:
     """Parse a unary answer; `model` names it when the body does not, `rate_limits` are
     what its headers said and `waited_s` how long it took to come."""
-    data = _loads(raw)
+    # Parsed JSON holds no subclasses (orjson's, or json's for `_loads_with_halves`): its
+    # types are compared by `__class__`, without `isinstance`'s call. `_loads` written out.
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        data = _loads_with_halves(raw, exc)
+    if data.__class__ is not dict:
+        raise MalformedReply("not a JSON object")
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices:
+    if choices.__class__ is not list or not choices:
         raise MalformedReply("no choices")
     if len(choices) == 1:  # nearly every answer: the answer, at whatever index
         choice = choices[0]
-        if not isinstance(choice, dict):
+        if choice.__class__ is not dict:
             raise MalformedReply("choices is not a list of objects")
-        _index_of(choice)  # a bad one refused, as among several
+        # `_index_of` written out: a bad one refused, as among several (absent, null or
+        # 0 is 0; a bool is no index).
+        index = choice.get("index")
+        if index and (index.__class__ is not int or index < 0):
+            raise MalformedReply("a choice has a bad index")
     else:
         # Others are other completions' (`n` is never sent), whatever order they are
         # listed in: the answer is picked as a stream's is, so that both relay the same one.
@@ -860,11 +871,11 @@ def parse_completion(
             raise MalformedReply("no finish reason")
         choice = by_index[_answer_index(by_index)]
     message = choice.get("message")
-    if not isinstance(message, dict):
+    if message.__class__ is not dict:
         message = {}
     content = message.get("content")
     parts = None
-    if content is not None and not isinstance(content, str):
+    if content.__class__ is not str and content is not None:
         parts = _content_parts(content)
         content = parts.text
     raw_tool_calls = message.get("tool_calls")
@@ -873,10 +884,15 @@ def parse_completion(
     # proxies repeat the first tool call as this too.
     if not tool_calls and "function_call" in message and message["function_call"] is not None:
         tool_calls = (_function_call(message["function_call"]),)
-    reasoning = _reasoning(message)
+    # `_reasoning` only for a message that has either spelling: most have neither.
+    has_reasoning = "reasoning_content" in message or "reasoning" in message
+    reasoning = _reasoning(message) if has_reasoning else ""
     if parts is not None:
         reasoning += parts.thinking
-    reason = finish_reason(choice.get("finish_reason"))
+    # `finish_reason` written out for a reason it knows as spelled: most answers' "stop".
+    said = choice.get("finish_reason")
+    is_known = said.__class__ is str and said in _FINISH_REASONS
+    reason = _FINISH_REASONS[said] if is_known else finish_reason(said)
     if reason is None:
         raise MalformedReply("no finish reason")
     if tool_calls or reason is FinishReason.TOOL_CALLS:  # else nothing to correct
