@@ -339,22 +339,23 @@ def _with_tool_calls(reason: FinishReason, *, has_tool_calls: bool) -> FinishRea
 
 def usage(data: object) -> Usage | None:
     """Parse an OpenAI `usage` object, or None when absent or not to be believed."""
-    if not isinstance(data, dict):
+    # Parsed JSON's types compared without `isinstance`'s call, as in `parse_completion`.
+    if type(data) is not dict:
         return None
     prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
     if prompt is None and completion is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
-    total = data.get("total_tokens")
+    # The total is read only where it is needed: most answers give both counts.
     if prompt is None or completion is None:
-        prompt, completion = _with_total(prompt, completion, total)
+        prompt, completion = _with_total(prompt, completion, data.get("total_tokens"))
     elif not (prompt and completion) and _is_zero(prompt) != _is_zero(completion):
         # (Two counts that are both true are neither 0: most answers, settled without a call.)
-        prompt, completion = _zero_from_total(prompt, completion, total)
+        prompt, completion = _zero_from_total(prompt, completion, data.get("total_tokens"))
     # A count still left out is 0 here and flagged: `Pipeline` estimates it, as it
     # estimates a call with no usage. Billing it as 0 would make the answer free.
     is_partial = prompt is None or completion is None
     details = data.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = details.get("cached_tokens") if type(details) is dict else None
     if not cached:
         # DeepSeek's own spelling; resellers relaying it add OpenAI's details, counting
         # none (empty, null or 0), beside it.
@@ -364,8 +365,9 @@ def usage(data: object) -> Usage | None:
     # billed twice.
     try:
         counts = Usage(
-            input_tokens=_count(prompt),
-            output_tokens=_count(completion),
+            # `_count` written out for a count as JSON has it: an int.
+            input_tokens=prompt if type(prompt) is int else _count(prompt),
+            output_tokens=completion if type(completion) is int else _count(completion),
             cached_input_tokens=_detail_count(cached) if cached else 0,  # 0: most answers
             is_estimated=is_partial,
         )
@@ -380,9 +382,11 @@ def usage(data: object) -> Usage | None:
         counts = replace(counts, cached_input_tokens=counts.input_tokens)
     completion_details = data.get("completion_tokens_details")
     # Else no reasoning count: many servers send no details.
-    if isinstance(completion_details, dict):
-        reasoning = _detail_count(completion_details.get("reasoning_tokens"))
-        if _is_left_out_of_completion(counts, reasoning, total):
+    if type(completion_details) is dict:
+        # A count that is not true (absent, null, 0: most) is none: no `_detail_count`.
+        said = completion_details.get("reasoning_tokens")
+        reasoning = _detail_count(said) if said else 0
+        if reasoning and _is_left_out_of_completion(counts, reasoning, data.get("total_tokens")):
             counts = replace(counts, output_tokens=counts.output_tokens + reasoning)
         if 0 < reasoning <= counts.output_tokens:  # else no count that can be part of it
             counts = replace(counts, reasoning_tokens=reasoning)
