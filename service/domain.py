@@ -131,11 +131,12 @@ class ToolChoice:
 
     mode: ToolChoiceMode | None = None
     function_name: str = ""
+    # Whether the request chose anything. Kept, not a property: validation, the request's
+    # body and its cache key ask it of every call, most of which choose nothing.
+    is_set: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def is_set(self) -> bool:
-        """Whether the request chose anything."""
-        return self.mode is not None or bool(self.function_name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_set", self.mode is not None or bool(self.function_name))
 
 
 class ResponseFormatType(enum.StrEnum):

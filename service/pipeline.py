@@ -44,6 +44,7 @@ from service.domain import (
 from service.errors import (
     GatewayError,
     InvalidRequest,
+    ModelNotFound,
     ShuttingDown,
     UpstreamContextExceeded,
     ended_unsent,
@@ -225,6 +226,8 @@ class Pipeline:
         self._on_answered = on_answered
         self._config = config
         self._pool = pool
+        # The models the pool serves (its routes by model, made with it and never changed).
+        self._served = pool.models
         self._prices = prices
         self.calibration = TokenCalibration()
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger(config.ledger)
@@ -375,7 +378,8 @@ class Pipeline:
         if violations:
             raise InvalidRequest(violations)
         model, params = request.model, request.params
-        self._pool.routes(model)
+        if model not in self._served:  # `pool.routes` written out: a frame on every call
+            raise ModelNotFound(model)
         if model in self._pool.toolless:
             # Refused here, before the cache, the budgets and the tenant's limits see it.
             self._pool.toolless_upstreams(request)

@@ -52,20 +52,12 @@ class RetryDecision:
 
 @dataclass(slots=True)
 class PoolHooks:
-    """Subscribers to the pool's events; each list is called in order, errors logged."""
+    """Subscribers to the pool's events; each list is called in order, errors logged.
+    `UpstreamPool._record` tells `on_attempt`'s itself (a frame less on every attempt)."""
 
     on_attempt: list[Callable[[AttemptRecord], None]] = field(default_factory=list)
     on_retry: list[Callable[[RetryDecision], None]] = field(default_factory=list)
     on_breaker_change: list[Callable[[BreakerChange], None]] = field(default_factory=list)
-
-    def attempt(self, record: AttemptRecord) -> None:
-        """Tell every subscriber an attempt ended."""
-        # `_safely` written out: every attempt calls each subscriber.
-        for hook in self.on_attempt:
-            try:
-                hook(record)
-            except Exception:
-                log.exception("pool.hook_failed")
 
     def retry(self, decision: RetryDecision) -> None:
         """Tell every subscriber a retry or failover was scheduled."""

@@ -299,7 +299,9 @@ def chat_request_from_proto(
             _TOOL_CHOICE_MODES, wire_choice.mode, violations, "tool_choice.mode", "tool choice mode"
         )
         tool_choice = ToolChoice(mode, wire_choice.function_name)
-    labels = labels_from_proto(message.labels, limits, violations)
+    # `labels_from_proto` only for labels sent: a frame on every call, most of which send none.
+    wire_labels = message.labels
+    labels = labels_from_proto(wire_labels, limits, violations) if wire_labels else {}
     request = ChatRequest(
         model=message.model,
         messages=tuple(messages),

@@ -177,12 +177,18 @@ def chat_request_violations(
     A message whose role `prior` refuses (`unknown_role`) is converted as ROLE_USER's,
     but is held to no role's rules: its role's violation is all it gets.
     """
-    found = [*prior, *model_violations(request.model)]
+    found = [*prior]
+    model = request.model
+    # `model_violations` and its `is_model_name` written out for a good name: two frames
+    # on every call.
+    if not (0 < len(model) <= MAX_MODEL_NAME and model.isprintable()):
+        found.extend(model_violations(model))
     unknown_roles = _unknown_roles(prior) if prior else _NO_INDEXES
-    if not request.messages:
+    message_count = len(request.messages)  # read once: three uses below
+    if not message_count:
         found.append(FieldViolation("messages", "must contain at least one message"))
-    elif len(request.messages) > limits.max_messages:
-        found.append(too_many_messages(len(request.messages), limits))
+    elif message_count > limits.max_messages:
+        found.append(too_many_messages(message_count, limits))
     total_chars = 0
     tool_calls = 0  # sent back, each with its overhead in the estimate
     call_ids: set[str] = set()  # of the tool calls of the messages so far
@@ -245,9 +251,9 @@ def chat_request_violations(
     # few tokens of overhead a message, tool and tool call. Not past a count or a byte
     # limit, which refuses the request already: a 4 MiB prompt is a quarter second of
     # the event loop to estimate, and cheap to measure.
-    overheads = len(request.messages) + len(request.tools) + tool_calls + 1
+    overheads = message_count + len(request.tools) + tool_calls + 1
     bound = (total_chars + schema_chars) * 5 + 8 * overheads
-    is_refused = is_over_bytes or len(request.messages) > limits.max_messages
+    is_refused = is_over_bytes or message_count > limits.max_messages
     if not is_refused and bound > limits.max_prompt_tokens and not _is_counted_out(prior):
         estimate = estimate_prompt_tokens(request.messages, request.tools, response_format)
         if estimate > limits.max_prompt_tokens:
@@ -276,16 +282,17 @@ def chat_request_violations(
         )
     if params.response_format is not None:
         found.extend(_response_format_violations(params.response_format, limits))
-    if len(params.stop) > limits.max_stop_sequences:
-        found.append(too_many_stop_sequences(len(params.stop), limits))
-    for index, stop in enumerate(params.stop[: limits.max_stop_sequences]):
-        if not stop or len(stop) > limits.max_stop_length or _CONTROL.search(stop):
-            found.append(
-                FieldViolation(
-                    f"params.stop[{index}]",
-                    f"must be 1 to {limits.max_stop_length} characters, {_NO_CONTROLS}",
+    if params.stop:  # most requests send none: not even measured
+        if len(params.stop) > limits.max_stop_sequences:
+            found.append(too_many_stop_sequences(len(params.stop), limits))
+        for index, stop in enumerate(params.stop[: limits.max_stop_sequences]):
+            if not stop or len(stop) > limits.max_stop_length or _CONTROL.search(stop):
+                found.append(
+                    FieldViolation(
+                        f"params.stop[{index}]",
+                        f"must be 1 to {limits.max_stop_length} characters, {_NO_CONTROLS}",
+                    )
                 )
-            )
     if request.labels:
         found.extend(label_violations(request.labels, limits))
     key = request.idempotency_key

@@ -339,22 +339,23 @@ def _with_tool_calls(reason: FinishReason, *, has_tool_calls: bool) -> FinishRea
 
 def usage(data: object) -> Usage | None:
     """Parse an OpenAI `usage` object, or None when absent or not to be believed."""
-    if not isinstance(data, dict):
+    # Parsed JSON's types compared without `isinstance`'s call, as in `parse_completion`.
+    if type(data) is not dict:
         return None
     prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
     if prompt is None and completion is None:
         return None  # `{}`: no counts at all, so estimated (and flagged), not free
-    total = data.get("total_tokens")
+    # The total is read only where it is needed: most answers give both counts.
     if prompt is None or completion is None:
-        prompt, completion = _with_total(prompt, completion, total)
+        prompt, completion = _with_total(prompt, completion, data.get("total_tokens"))
     elif not (prompt and completion) and _is_zero(prompt) != _is_zero(completion):
         # (Two counts that are both true are neither 0: most answers, settled without a call.)
-        prompt, completion = _zero_from_total(prompt, completion, total)
+        prompt, completion = _zero_from_total(prompt, completion, data.get("total_tokens"))
     # A count still left out is 0 here and flagged: `Pipeline` estimates it, as it
     # estimates a call with no usage. Billing it as 0 would make the answer free.
     is_partial = prompt is None or completion is None
     details = data.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = details.get("cached_tokens") if type(details) is dict else None
     if not cached:
         # DeepSeek's own spelling; resellers relaying it add OpenAI's details, counting
         # none (empty, null or 0), beside it.
@@ -364,8 +365,9 @@ def usage(data: object) -> Usage | None:
     # billed twice.
     try:
         counts = Usage(
-            input_tokens=_count(prompt),
-            output_tokens=_count(completion),
+            # `_count` written out for a count as JSON has it: an int.
+            input_tokens=prompt if type(prompt) is int else _count(prompt),
+            output_tokens=completion if type(completion) is int else _count(completion),
             cached_input_tokens=_detail_count(cached) if cached else 0,  # 0: most answers
             is_estimated=is_partial,
         )
@@ -380,9 +382,11 @@ def usage(data: object) -> Usage | None:
         counts = replace(counts, cached_input_tokens=counts.input_tokens)
     completion_details = data.get("completion_tokens_details")
     # Else no reasoning count: many servers send no details.
-    if isinstance(completion_details, dict):
-        reasoning = _detail_count(completion_details.get("reasoning_tokens"))
-        if _is_left_out_of_completion(counts, reasoning, total):
+    if type(completion_details) is dict:
+        # A count that is not true (absent, null, 0: most) is none: no `_detail_count`.
+        said = completion_details.get("reasoning_tokens")
+        reasoning = _detail_count(said) if said else 0
+        if reasoning and _is_left_out_of_completion(counts, reasoning, data.get("total_tokens")):
             counts = replace(counts, output_tokens=counts.output_tokens + reasoning)
         if 0 < reasoning <= counts.output_tokens:  # else no count that can be part of it
             counts = replace(counts, reasoning_tokens=reasoning)
@@ -843,15 +847,26 @@ def parse_completion(
 ) -> UpstreamReply:
     """Parse a unary answer; `model` names it when the body does not, `rate_limits` are
     what its headers said and `waited_s` how long it took to come."""
-    data = _loads(raw)
+    # Parsed JSON holds no subclasses (orjson's, or json's for `_loads_with_halves`): its
+    # types are compared by `__class__`, without `isinstance`'s call. `_loads` written out.
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        data = _loads_with_halves(raw, exc)
+    if data.__class__ is not dict:
+        raise MalformedReply("not a JSON object")
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices:
+    if choices.__class__ is not list or not choices:
         raise MalformedReply("no choices")
     if len(choices) == 1:  # nearly every answer: the answer, at whatever index
         choice = choices[0]
-        if not isinstance(choice, dict):
+        if choice.__class__ is not dict:
             raise MalformedReply("choices is not a list of objects")
-        _index_of(choice)  # a bad one refused, as among several
+        # `_index_of` written out: a bad one refused, as among several (absent, null or
+        # 0 is 0; a bool is no index).
+        index = choice.get("index")
+        if index and (index.__class__ is not int or index < 0):
+            raise MalformedReply("a choice has a bad index")
     else:
         # Others are other completions' (`n` is never sent), whatever order they are
         # listed in: the answer is picked as a stream's is, so that both relay the same one.
@@ -860,11 +875,11 @@ def parse_completion(
             raise MalformedReply("no finish reason")
         choice = by_index[_answer_index(by_index)]
     message = choice.get("message")
-    if not isinstance(message, dict):
+    if message.__class__ is not dict:
         message = {}
     content = message.get("content")
     parts = None
-    if content is not None and not isinstance(content, str):
+    if content.__class__ is not str and content is not None:
         parts = _content_parts(content)
         content = parts.text
     raw_tool_calls = message.get("tool_calls")
@@ -873,10 +888,15 @@ def parse_completion(
     # proxies repeat the first tool call as this too.
     if not tool_calls and "function_call" in message and message["function_call"] is not None:
         tool_calls = (_function_call(message["function_call"]),)
-    reasoning = _reasoning(message)
+    # `_reasoning` only for a message that has either spelling: most have neither.
+    has_reasoning = "reasoning_content" in message or "reasoning" in message
+    reasoning = _reasoning(message) if has_reasoning else ""
     if parts is not None:
         reasoning += parts.thinking
-    reason = finish_reason(choice.get("finish_reason"))
+    # `finish_reason` written out for a reason it knows as spelled: most answers' "stop".
+    said = choice.get("finish_reason")
+    is_known = said.__class__ is str and said in _FINISH_REASONS
+    reason = _FINISH_REASONS[said] if is_known else finish_reason(said)
     if reason is None:
         raise MalformedReply("no finish reason")
     if tool_calls or reason is FinishReason.TOOL_CALLS:  # else nothing to correct

@@ -34,7 +34,7 @@ from service.domain import ChatRequest, Message, Role
 from service.errors import RETRY_ELSEWHERE_TRAILER, RETRY_PUSHBACK_TRAILER, UpstreamAuthRejected
 from service.pipeline import Pipeline
 from service.pool import AttemptLog, UpstreamPool
-from service.pool_hooks import RetryDecision
+from service.pool_hooks import AttemptRecord, RetryDecision
 from service.pricing import PriceList
 from service.retry import LACKING_MODEL_MEMORY_S
 from service.upstream.client import UpstreamClient
@@ -1466,6 +1466,31 @@ async def test_a_failover_is_a_first_attempt_on_the_upstream_it_moves_to(start_g
             await gateway.stub.Complete(chat())
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert (len(failing.requests), len(healthy.requests)) == (6, 6)
+
+
+async def test_a_failing_attempt_subscriber_is_logged_and_the_others_are_still_told(
+    upstream, start_gateway, caplog
+):
+    """A pool subscriber that raises never fails the call: it is logged, and the
+    subscribers after it (the pool's own counters among them) get the record all the same."""
+    gateway = await start_gateway(gateway_config(upstream.base_url))
+    pool = gateway.server.pipeline.pool
+
+    def broken(record: AttemptRecord) -> None:
+        raise RuntimeError("a broken exporter")
+
+    seen: list[AttemptRecord] = []
+    pool.hooks.on_attempt[:0] = [broken]
+    pool.hooks.on_attempt.append(seen.append)
+    caplog.set_level(logging.ERROR, logger="llm_gateway.pool")
+    response = await gateway.stub.Complete(chat())
+    assert response.content
+    assert [(r.upstream, r.error) for r in seen] == [("up0", None)]
+    assert pool.counters.attempts == 1
+    failures = [r for r in caplog.records if r.name == "llm_gateway.pool"]
+    assert [(r.getMessage(), r.exc_info is not None) for r in failures] == [
+        ("pool.hook_failed", True)
+    ]
 
 
 async def test_a_return_to_an_upstream_the_call_tried_waits_its_backoff(start_gateway):
