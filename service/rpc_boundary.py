@@ -59,6 +59,9 @@ RequestCheck: TypeAlias = Callable[[Any], int | None]
 # What `Admission.enter` hands out and `leave` takes back: the call's task (None only
 # outside a task), so that `leave` need not look it up again.
 CallTicket: TypeAlias = "asyncio.Task[Any] | None"
+# How a call is ended from outside its task (`Admission.tell_cut_off`): its context and
+# its RPC's scope.
+CallEnding: TypeAlias = "tuple[Context, RpcScope] | None"
 
 
 class Admission:
@@ -84,8 +87,9 @@ class Admission:
         self.arriving = 0
         # Each queued call's slot: True once handed a slot, False if refused (stopping).
         self._queue: collections.deque[asyncio.Future[bool]] = collections.deque()
-        self._calls: set[asyncio.Task[Any]] = set()
-        self._cut_off: set[asyncio.Task[Any]] = set()
+        self._calls: dict[asyncio.Task[Any], CallEnding] = {}
+        self._cut_off: dict[asyncio.Task[Any], CallEnding] = {}
+        self._telling: set[asyncio.Future[None]] = set()  # `tell_cut_off`'s
         self.is_stopping = False
 
     @property
@@ -99,7 +103,7 @@ class Admission:
         return not (self.in_flight or self.queued or self.arriving)
 
     @contextlib.contextmanager
-    def arriving_call(self) -> Iterator[None]:
+    def arriving_call(self, ending: CallEnding = None) -> Iterator[None]:
         """The calling task's call is on its way to `enter` (its caller's key may take a
         key store's round trip): counted in `arriving` and ended by `cut_off` meanwhile.
 
@@ -112,24 +116,25 @@ class Admission:
         task = asyncio.current_task()
         self.arriving += 1
         if task is not None:
-            self._calls.add(task)
+            self._calls[task] = ending
         try:
             yield
         finally:
             self.arriving -= 1
             if task is not None:
-                self._calls.discard(task)
+                self._calls.pop(task, None)
 
-    async def enter(self) -> CallTicket:
+    async def enter(self, ending: CallEnding = None) -> CallTicket:
         """Admit the calling task's call, queueing it while there is room, or raise
-        `Overloaded`. Give the ticket back to `leave` once the call is done.
+        `Overloaded`. Give the ticket back to `leave` once the call is done. `ending`:
+        how a cut that its cleanup outlasts tells it (`tell_cut_off`).
 
         Raises:
             Overloaded: every slot is taken and the queue is full.
             ShuttingDown: the server is stopping (`begin_stopping`) and the call would
                 queue, or it was queued as the server began to.
         """
-        ticket = self.enter_at_once()
+        ticket = self.enter_at_once(ending)
         if ticket is not False:  # a slot came free since the caller found none
             return ticket
         task = asyncio.current_task()
@@ -140,7 +145,7 @@ class Admission:
         slot: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append(slot)
         if task is not None:
-            self._calls.add(task)
+            self._calls[task] = ending
         try:
             is_admitted = await slot
         except BaseException:
@@ -148,17 +153,17 @@ class Admission:
                 self.leave(task)  # a slot was handed to us as we gave up: pass it on
             else:
                 if task is not None:
-                    self._calls.discard(task)
+                    self._calls.pop(task, None)
                 with contextlib.suppress(ValueError):
                     self._queue.remove(slot)
             raise
         if not is_admitted:
             if task is not None:
-                self._calls.discard(task)
+                self._calls.pop(task, None)
             raise ShuttingDown()
         return task
 
-    def enter_at_once(self) -> CallTicket | Literal[False]:
+    def enter_at_once(self, ending: CallEnding = None) -> CallTicket | Literal[False]:
         """`enter` for a call that finds a slot free, as most do: admitted without an
         await. False, admitting nothing, when every slot is taken or calls queue for one
         (a call entering now would queue, or be shed): `enter` then decides which."""
@@ -167,7 +172,7 @@ class Admission:
         task = asyncio.current_task()
         self.in_flight += 1
         if task is not None:
-            self._calls.add(task)
+            self._calls[task] = ending
         return task
 
     def begin_stopping(self) -> None:
@@ -195,7 +200,7 @@ class Admission:
         """
         task = asyncio.current_task()
         if task is not None:
-            self._calls.discard(task)
+            self._calls.pop(task, None)
 
     def cut_off(self) -> int:
         """Cancel every admitted, queued or arriving call not cancelled or answered yet;
@@ -207,11 +212,30 @@ class Admission:
         deadline passed) is left to finish its cleanup, and stays what it was; so is a
         call that has its answer (`answered`).
         """
-        cut = [t for t in self._calls if not t.done() and not t.cancelling()]
-        for task in cut:
-            self._cut_off.add(task)
+        cut = [(t, e) for t, e in self._calls.items() if not t.done() and not t.cancelling()]
+        for task, ending in cut:
+            self._cut_off[task] = ending
             task.cancel()
         return len(cut)
+
+    def tell_cut_off(self) -> None:
+        """Send `ShuttingDown` now to each call cut off that has not ended yet.
+
+        A cut call records what it was billed, and gives back its tenant's slot, before
+        it ends itself with that status: a hung Redis holds each of those for its
+        timeout, past the grace, and grpc then ended the call with a bare UNAVAILABLE
+        (no details, no retry-elsewhere trailer). Told here its status goes first, and
+        its cleanup goes on; for the calls that end themselves in time, their order
+        stays: released, then told."""
+        for task, ending in self._cut_off.items():
+            if ending is not None and not task.done():
+                telling = asyncio.ensure_future(_told_shutting_down(*ending))
+                self._telling.add(telling)
+                telling.add_done_callback(self._telling.discard)
+
+    async def told(self) -> None:
+        """Return once every status `tell_cut_off` began is sent (or failed)."""
+        await asyncio.gather(*self._telling, return_exceptions=True)
 
     def was_cut_off(self) -> bool:
         """Whether `cut_off` cancelled the calling task's call."""
@@ -221,7 +245,7 @@ class Admission:
         """The call `enter` gave `ticket` for finished: its slot goes to the oldest
         queued call."""
         if ticket is not None:
-            self._calls.discard(ticket)
+            self._calls.pop(ticket, None)
         while self._queue:
             slot = self._queue.popleft()
             if not slot.done():
@@ -416,12 +440,12 @@ async def _enter(
     try:
         principal = None
         if gate is not None:
-            with admission.arriving_call():
+            with admission.arriving_call((context, rpc)):
                 principal = await gate.authenticate(context)
             rpc.set_tenant(principal.tenant)  # on the span even if the call is then shed
-        ticket = admission.enter_at_once()  # most calls: a slot at once
+        ticket = admission.enter_at_once((context, rpc))  # most calls: a slot at once
         if ticket is False:
-            ticket = await _queued_for_slot(admission, rpc)
+            ticket = await _queued_for_slot(admission, context, rpc)
         return principal, ticket
     except asyncio.CancelledError:
         await _end_if_cut_off(context, method, rpc, admission)
@@ -430,11 +454,11 @@ async def _enter(
         await abort_with(context, exc, method, rpc)
 
 
-async def _queued_for_slot(admission: Admission, rpc: RpcScope) -> CallTicket:
+async def _queued_for_slot(admission: Admission, context: Context, rpc: RpcScope) -> CallTicket:
     """A slot of a full `admission` (or `Overloaded`): the wait for one in its queue is
     the call's queued time (`Timings.queued_ms`). Timed only when it queues."""
     queued_from = time.perf_counter()  # the clock `RpcScope` reads
-    ticket = await admission.enter()
+    ticket = await admission.enter((context, rpc))
     rpc.queued_s += time.perf_counter() - queued_from
     return ticket
 
@@ -469,8 +493,23 @@ async def _end_if_cut_off(
     that is what the span and `llm_gateway.requests` record, not the caller's cancel.
     """
     if admission.was_cut_off():
+        if context.done():  # told already, its cleanup outlasting the cut (`tell_cut_off`)
+            return
         await abort_with(context, ShuttingDown(), method, rpc)
     _end_if_past_deadline(context, rpc)
+
+
+async def _told_shutting_down(context: Context, rpc: RpcScope) -> None:
+    """End the call of `context` with `ShuttingDown` from outside its task, unless it has
+    ended already."""
+    if context.done():
+        return
+    try:
+        await abort_with(context, ShuttingDown(), rpc.method, rpc)
+    except grpc.aio.AbortError:
+        pass  # what `abort` raises once it sent the status
+    except Exception:  # the caller gone meanwhile: there is nobody to tell
+        log.debug("rpc.cut_off_untold", exc_info=True)
 
 
 def _end_if_past_deadline(context: Context, rpc: RpcScope) -> None:
@@ -491,7 +530,7 @@ def _guard_unary(
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             # No caller to authenticate and a slot free (most calls): `_enter` skipped.
-            if gate is None and (ticket := admission.enter_at_once()) is not False:
+            if gate is None and (ticket := admission.enter_at_once((context, rpc))) is not False:
                 principal = None
             else:
                 principal, ticket = await _enter(context, name, rpc, admission, gate)
@@ -562,7 +601,7 @@ def _guard_stream(
         metadata = context.invocation_metadata() or ()
         with telemetry().rpc(service=SERVICE, method=name, metadata=metadata) as rpc:
             # No caller to authenticate and a slot free (most calls): `_enter` skipped.
-            if gate is None and (ticket := admission.enter_at_once()) is not False:
+            if gate is None and (ticket := admission.enter_at_once((context, rpc))) is not False:
                 principal = None
             else:
                 principal, ticket = await _enter(context, name, rpc, admission, gate)

@@ -498,22 +498,30 @@ class GatewayServer:
             # Calls still running just before grpc would cut them are ended here instead,
             # with a status that tells the caller to retry elsewhere (`ShuttingDown`).
             margin = min(_CUT_OFF_MARGIN_S, grace / 2)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace - margin):
-                    await self._drained()
+            await self._drained_within(grace - margin)
             if cut := self.admission.cut_off():
                 log.warning("server.calls_cut_off", extra={"calls": cut, "grace_s": grace})
             # The rest of the grace: for the calls just cut, and for those their callers
-            # left (not cut) still ending, before the stores they end with close.
+            # left (not cut) still ending, before the stores they end with close. Halfway
+            # through, a cut call still recording its charge (a hung store) is told its
+            # status, which grpc would otherwise replace with a bare UNAVAILABLE.
             if not self.admission.is_idle:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(margin):
-                        await self._drained()
+                await self._drained_within(margin / 2)
+            if not self.admission.is_idle:
+                self.admission.tell_cut_off()
+                await self._drained_within(margin / 2)
             self.health.end_watches()
             await stopping
+            await self.admission.told()
             self._server = None
             log.info("server.stopped")
         await self._stack.aclose()
+
+    async def _drained_within(self, seconds: float) -> None:
+        """`_drained`, or `seconds`, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._drained()
 
     async def _drained(self) -> None:
         """Return once no gateway call has been arriving, running or queued for a poll

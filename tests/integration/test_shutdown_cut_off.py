@@ -1054,6 +1054,36 @@ async def test_a_stream_finished_upstream_before_the_cut_gets_its_last_message(
     assert await rows_recorded(redis_server, ledger["key_prefix"]) == ["1"]
 
 
+@pytest.mark.redis
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_call_cut_off_while_a_hung_ledger_records_it_is_told_shutting_down(
+    redis_server: RedisServer, start_gateway: Any, mode: str
+) -> None:
+    """A call cut off as the grace runs out records what it was billed before it ends,
+    and a frozen Redis ledger holds that for its operation timeout, past the grace: the
+    caller is told SHUTTING_DOWN all the same, not grpc's bare UNAVAILABLE ("Cancelling
+    all calls", no details, no trailer) at the grace's end."""
+    behaviour = Hang() if mode == "unary" else SLOW_STREAM
+    async with FakeUpstream(default=behaviour) as fake:
+        ledger = stalled_redis_ledger(redis_server)
+        config = gateway_config(fake.base_url, models=PRICED_MODELS, ledger=ledger)
+        gateway = await start_gateway(config)
+        if mode == "unary":
+            call = asyncio.ensure_future(gateway.stub.Complete(chat(), timeout=10))
+        else:
+            call = asyncio.ensure_future(collect(gateway.stub.CompleteStream(chat_stream())))
+        while not fake.requests:
+            await asyncio.sleep(0.01)
+        redis_server.pause()
+        try:
+            await stop(gateway)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+        finally:
+            redis_server.resume()
+        assert_shutting_down(caught.value)
+
+
 async def collect(call: Any) -> list[Any]:
     """Every message of a stream call, to its end."""
     return [item async for item in call]
