@@ -302,8 +302,9 @@ def whole_tool_calls(calls: tuple[ToolCall, ...]) -> tuple[ToolCallDelta, ...]:
     )
 
 
-def assemble_tool_calls(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCall, ...]:
-    """The tool calls a stream's pieces make: by index, arguments appended in order."""
+def _calls_of(pieces: Iterable[ToolCallDelta]) -> dict[int, tuple[str, str, list[str]]]:
+    """Each call's first id and name and its arguments' pieces in order, by index, in the
+    order the calls began."""
     calls: dict[int, tuple[str, str, list[str]]] = {}
     for piece in pieces:
         call = calls.get(piece.index)
@@ -311,6 +312,12 @@ def assemble_tool_calls(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCall, ...]
             calls[piece.index] = (piece.id, piece.name, [piece.arguments])
         else:
             call[2].append(piece.arguments)
+    return calls
+
+
+def assemble_tool_calls(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCall, ...]:
+    """The tool calls a stream's pieces make: by index, arguments appended in order."""
+    calls = _calls_of(pieces)
     return tuple(
         ToolCall(call_id, name, "".join(arguments))
         for _, (call_id, name, arguments) in sorted(calls.items())
@@ -328,13 +335,7 @@ def merged_pieces(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCallDelta, ...]:
     """`pieces` as one piece per call, in the order the calls began: the first piece's id
     and name, every piece's arguments appended in order (`assemble_tool_calls` reads the
     same calls from either)."""
-    calls: dict[int, tuple[str, str, list[str]]] = {}
-    for piece in pieces:
-        call = calls.get(piece.index)
-        if call is None:
-            calls[piece.index] = (piece.id, piece.name, [piece.arguments])
-        else:
-            call[2].append(piece.arguments)
+    calls = _calls_of(pieces)
     return tuple(
         ToolCallDelta(index, call_id, name, "".join(arguments))
         for index, (call_id, name, arguments) in calls.items()

@@ -193,16 +193,29 @@ def _split_long(text: str, max_tokens: int) -> list[tuple[str, int]]:
     """Split a sentence longer than `max_tokens` at line breaks (CSV, code, lists have
     no sentence ends), then a line longer than that between words, or characters.
     """
+    return _pieces_within(text, _LINE_BREAK, max_tokens, too_long=_hard_split)
+
+
+def _pieces_within(
+    text: str,
+    separator: re.Pattern[str],
+    max_tokens: int,
+    *,
+    too_long: Callable[[str, int], list[tuple[str, int]]],
+) -> list[tuple[str, int]]:
+    """`text` cut after `separator` into (piece, tokens) pairs of at most `max_tokens`,
+    short runs merged (`_split_after`); a run still too long cut out on its own, and one
+    alone too long handed to `too_long`."""
     pieces: list[tuple[str, int]] = []
-    for lines in _split_after(text, _LINE_BREAK):
-        tokens = _tokens_within(lines, max_tokens)
+    for run in _split_after(text, separator):
+        tokens = _tokens_within(run, max_tokens)
         if tokens <= max_tokens:
-            pieces.append((lines, tokens))
+            pieces.append((run, tokens))
             continue
-        # Short lines merged with one too long: cut it out on its own.
-        for line in _split_after(lines, _LINE_BREAK, 1):
-            tokens = _tokens_within(line, max_tokens)
-            pieces += [(line, tokens)] if tokens <= max_tokens else _hard_split(line, max_tokens)
+        # Short runs merged with one too long: cut it out on its own.
+        for one in _split_after(run, separator, 1):
+            tokens = _tokens_within(one, max_tokens)
+            pieces += [(one, tokens)] if tokens <= max_tokens else too_long(one, max_tokens)
     return pieces
 
 
@@ -213,16 +226,7 @@ def _hard_split(text: str, max_tokens: int) -> list[tuple[str, int]]:
     run of consecutive pieces joined again: pieces cut between words add up to it, and
     a piece cut inside a word counts `_CUT_TOKENS` more than its own estimate.
     """
-    pieces: list[tuple[str, int]] = []
-    for words in _split_after(text, _WORD_BREAK):
-        tokens = _tokens_within(words, max_tokens)
-        if tokens <= max_tokens:
-            pieces.append((words, tokens))
-            continue
-        for word in _split_after(words, _WORD_BREAK, 1):
-            tokens = _tokens_within(word, max_tokens)
-            pieces += [(word, tokens)] if tokens <= max_tokens else _cut_word(word, max_tokens)
-    return pieces
+    return _pieces_within(text, _WORD_BREAK, max_tokens, too_long=_cut_word)
 
 
 def _cut_word(word: str, max_tokens: int) -> list[tuple[str, int]]:
