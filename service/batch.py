@@ -26,7 +26,6 @@ from service.errors import (
     InvalidRequest,
     ShuttingDown,
     UpstreamError,
-    mark_unsent,
     quoted,
 )
 from service.ledger import PICO, to_pico
@@ -277,10 +276,6 @@ async def _complete_item(
         except (ShuttingDown, BudgetExceeded, DeadlineExceeded, ContextWindowExceeded) as refused:
             refused.is_unsent = refused.is_unsent and not was_sent
             refused.attempt_failures = (*failures, *refused.attempt_failures)
-            raise
-        except asyncio.CancelledError as cancel:  # cut as it waited: unsent as a refusal
-            if was_sent:
-                mark_unsent(cancel, is_unsent=False)
             raise
         except UpstreamError as exc:
             if says_why(exc):

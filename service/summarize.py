@@ -1276,10 +1276,6 @@ class Summarizer:
                 refused.is_unsent = refused.is_unsent and not was_sent
                 refused.attempt_failures = (*failures, *refused.attempt_failures)
                 raise
-            except asyncio.CancelledError as cancel:  # cut as it waited: as a refusal
-                if was_sent:
-                    mark_unsent(cancel, is_unsent=False)
-                raise
             except UpstreamContextExceeded:
                 raise  # the text is split again (`_call_if_fits`)
             except UpstreamRejected as exc:
@@ -1374,9 +1370,6 @@ class Summarizer:
             # The try refused for its temperature was sent: so was this one's call, whatever
             # stopped it (its turn's units, and the Summarize's request, stay spent).
             refused.is_unsent = False
-            raise
-        except asyncio.CancelledError as cancel:  # however it was cut, as a refusal
-            mark_unsent(cancel, is_unsent=False)
             raise
 
 
