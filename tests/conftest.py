@@ -30,6 +30,7 @@ from tests.secret_capture import (  # noqa: F401  (the secret grep's fixture and
     pytest_sessionfinish,
     pytest_testnodedown,
 )
+from tests.xdist_recovery import make_scheduler
 
 FAKE_MODEL = "fake-model"
 
@@ -200,3 +201,8 @@ def refused_port() -> Iterator[int]:
 def stub(gateway: RunningGateway) -> pb_grpc.CompletionServiceStub:
     """A stub for the gateway in front of one fake upstream."""
     return gateway.stub
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup` whose crashed worker costs one failed test, not a hung run."""
+    return make_scheduler(config, log)
