@@ -312,6 +312,23 @@ class GatewayServer:
                 *connection_age_options(self.config, upstreams),
             ],
         )
+        try:
+            await self._listen_on(server, servicer)
+        except BaseException:
+            await let_go_unstarted(server)
+            raise
+        await server.start()
+        self._server = server
+        await self._set_health()
+        if self._health_server is not None:  # probes get an answer once there is one to give
+            await self._health_server.start()
+            self._is_health_started = True
+        log.info(
+            "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
+        )
+
+    async def _listen_on(self, server: grpc.aio.Server, servicer: CompletionServicer) -> None:
+        """Add the services to `server` and bind its port (and the health port's server)."""
         add_service(server, servicer, SERVICE, registered=REGISTERED_METHODS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, GenericOnly(server))
         reflected = [
@@ -325,22 +342,13 @@ class GatewayServer:
         listen = self.config.server.listen
         # The health port first: a grpc server lets its port go only once started, and the
         # gateway's, bound before a failure here, would stay taken for the process's life.
-        health_server = self._health_server_on(self.config.server.health_listen)
+        self._bind_health_server(self.config.server.health_listen)
         try:
             self.port = _bind(listen, lambda: _add_port(server, self.config.server))
         except ListenError:
             if self.config.server.tls.is_enabled and await refuses_tls(self.config.server):
                 raise self.config.error("server.tls.cert_file", TLS_REFUSED) from None
             raise
-        await server.start()
-        self._server = server
-        await self._set_health()
-        if health_server is not None:  # probes get an answer once there is one to give
-            await health_server.start()
-            self._is_health_started = True
-        log.info(
-            "server.started", extra={"port": self.port, "upstreams": [c.name for c in clients]}
-        )
 
     def _shared_limits(self, redis: AuthRedis | None) -> SharedLimits | None:
         """The shared rates of the upstreams with `shared_limits` (None: none has it);
@@ -359,27 +367,28 @@ class GatewayServer:
         of `--workers N` share them."""
         return ("grpc.so_reuseport", 0 if self.config.server.workers in (None, 1) else 1)
 
-    def _health_server_on(self, listen: str | None) -> grpc.aio.Server | None:
+    def _bind_health_server(self, listen: str | None) -> None:
         """A server bound to `listen` for the health service alone, in plaintext (stopped
-        with the rest); None without `listen`."""
+        with the rest, its bind failed or not); none without `listen`."""
         if listen is None:
-            return None
+            return
         server = grpc.aio.server(
             options=[self._reuse_port_option, *_KEEPALIVE_OPTIONS, *_METADATA_OPTIONS]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
         self._health_server = server
         self._stack.push_async_callback(self._stop_health_server)
-        return server
+        self.health_port = _bind(listen, lambda: int(server.add_insecure_port(listen)))
 
     async def _stop_health_server(self) -> None:
-        if self._health_server is not None:
-            if not self._is_health_started:  # the start failed after binding it
-                await self.health.enter_graceful_shutdown()  # NOT_SERVING meanwhile
-                await self._health_server.start()  # else its port stays taken
+        if self._health_server is None:
+            return
+        if self._is_health_started:
             await self._health_server.stop(0)
-            self._health_server = None
+        else:  # the start failed after making it
+            await self.health.enter_graceful_shutdown()  # NOT_SERVING meanwhile
+            await let_go_unstarted(self._health_server)
+        self._health_server = None
 
     async def _set_health(self) -> None:
         """SERVING, unless the local model is down and it is the only upstream.
@@ -826,10 +835,17 @@ async def refuses_tls(config: ServerConfig) -> bool:
             ports.append(_add_port(server, attempt))
         except RuntimeError:
             ports.append(0)
-        if ports[-1]:  # a grpc server lets its port go only once started
-            await server.start()
-            await server.stop(0)
+        await let_go_unstarted(server)
     return ports[0] == 0 and ports[1] != 0
+
+
+async def let_go_unstarted(server: grpc.aio.Server) -> None:
+    """Start and stop a grpc server that will not serve. It lets its ports go only once
+    started, and one collected unstarted logs its dying self at DEBUG ("__dealloc__ called
+    on running server"): a record kept past that (pytest's capture, a queueing handler)
+    frees it a second time later, a segfault (a CI run lost a test process to it)."""
+    await server.start()
+    await server.stop(0)
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

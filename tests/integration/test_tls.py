@@ -164,6 +164,69 @@ async def test_a_start_failing_on_one_port_leaves_the_other_free(upstream, taken
     raise AssertionError("the port the failed start had bound stayed taken")
 
 
+# A start failing on a taken port, in a process whose logging keeps its DEBUG records (as
+# pytest's capture does), then a collection and the records dropped.
+_FAILED_START_COLLECTED = """
+import asyncio, gc, logging, socket, sys
+
+from service.hosts import ListenError
+from service.server import GatewayServer
+from tests.conftest import gateway_config
+
+kept = []
+
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        kept.append(record)
+
+
+logging.getLogger().addHandler(Keep())
+logging.getLogger().setLevel(logging.DEBUG)
+
+
+async def start(server):
+    try:
+        async with GatewayServer(gateway_config(sys.argv[1], server=server)):
+            pass
+    except ListenError:
+        print("refused")
+
+
+with socket.socket() as holder:
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    held = f"127.0.0.1:{holder.getsockname()[1]}"
+    taken = {sys.argv[2]: held}
+    asyncio.run(start({"listen": "127.0.0.1:0", "health_listen": "127.0.0.1:0", **taken}))
+gc.collect()
+kept.clear()
+print("collected")
+"""
+
+
+@pytest.mark.parametrize("taken", ["listen", "health_listen"])
+async def test_a_failed_starts_grpc_servers_are_let_go_before_they_are_collected(upstream, taken):
+    """grpc collecting a server never started logs the dying server itself at DEBUG; a
+    record kept after (pytest's capture) freed it again later: a test process segfaulted
+    in the teardown of whatever test ran next. A failed start starts and stops them."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FAILED_START_COLLECTED,
+        upstream.base_url,
+        taken,
+        cwd=_REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    output, errors = await asyncio.wait_for(process.communicate(), _TIMEOUT_S)
+    assert (process.returncode, output.decode().split()) == (0, ["refused", "collected"]), (
+        errors.decode()[-2000:]
+    )
+
+
 async def _fails_then_starts_on_the_other_port(upstream, taken: str, free: int) -> bool:
     """A start with `taken` held and the other port at `free` fails naming the held
     one; a start on `free` then succeeds. False where a start found `free` taken."""
