@@ -642,7 +642,8 @@ class SummarizePartFailed(UpstreamError):
     ) -> None:
         super().__init__(
             f"summarising part {part} of {parts} (level {level}) failed after {attempts} "
-            f"attempts: {cause.message}; no partial summary is returned",
+            f"attempt{'' if attempts == 1 else 's'}: {cause.message}; no partial summary is "
+            "returned",
             upstream=cause.upstream,
             status=cause.status,
             retry_after_s=cause.retry_after_s,

@@ -26,6 +26,7 @@ from service.errors import (
     RelayedError,
     ShuttingDown,
     StreamInterrupted,
+    SummarizePartFailed,
     Unauthenticated,
     UpstreamAuthRejected,
     UpstreamError,
@@ -533,3 +534,12 @@ def test_echoed_caller_values_are_cut_to_100_characters(
     """A value the caller sent is repeated whole up to 100 characters, then cut with '...'."""
     assert clipped(value) == expected_clipped
     assert quoted(value) == expected_quoted
+
+
+@pytest.mark.parametrize(("attempts", "said"), [(1, "after 1 attempt:"), (3, "after 3 attempts:")])
+def test_a_failed_summarize_part_counts_its_attempts_in_words(attempts: int, said: str) -> None:
+    cause = UpstreamError("HTTP 500", upstream="up0", status=500)
+
+    failed = SummarizePartFailed(cause, part=2, parts=5, level=1, attempts=attempts)
+
+    assert said in failed.message
