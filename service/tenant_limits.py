@@ -156,9 +156,14 @@ def is_over_call_cap(refusal: QuotaExceeded) -> bool:
     return refusal.subject.endswith(":max_concurrent_calls")
 
 
-def _refusal(tenant: str, which: str, limit: int, retry_after_s: float | None) -> QuotaExceeded:
+def _refusal(
+    tenant: str, which: str, limit: int, retry_after_s: float | None, *, leave_share: float = 0.0
+) -> QuotaExceeded:
+    # A paced batch's item is refused while units remain, for the share it leaves to the
+    # tenant's other calls: the message says so, or "over its limit" reads as a miscount.
+    kept = f" ({leave_share:.0%} of it kept for the tenant's other calls)" if leave_share else ""
     return QuotaExceeded(
-        f"tenant {tenant!r} is over its {which} limit of {limit}",
+        f"tenant {tenant!r} is over its {which} limit of {limit}{kept}",
         subject=f"tenant:{tenant}:{which}",
         retry_after_s=retry_after_s,
     )
@@ -304,7 +309,7 @@ class MemoryTenantLimiter:
             refusal = max(refusal, (wait, "tokens_per_minute", tpm), key=lambda r: r[0])
         if refusal[0] > 0:
             wait, which, limit = refusal
-            raise _refusal(tenant, which, limit, wait)
+            raise _refusal(tenant, which, limit, wait, leave_share=leave_share)
         if requests_bucket is not None:
             requests_bucket.level -= requests
         if tokens_bucket is not None:
@@ -648,7 +653,9 @@ class RedisTenantLimiter:
             log.warning("tenant_limits.store_unavailable", extra={"error": type(exc).__name__})
 
     @staticmethod
-    def _refuse(tenant: str, limits: TenantConfig, which: int, wait: Any) -> None:
+    def _refuse(
+        tenant: str, limits: TenantConfig, which: int, wait: Any, leave_share: float
+    ) -> None:
         """Raise the refusal the admission script answered, if it refused."""
         if which:
             limit = {
@@ -656,7 +663,8 @@ class RedisTenantLimiter:
                 2: limits.tokens_per_minute,
                 3: limits.max_concurrent_calls,
             }[which]
-            raise _refusal(tenant, _WHICH[which], limit, float(wait))
+            share = leave_share if which != 3 else 0.0  # no share of the call cap is kept
+            raise _refusal(tenant, _WHICH[which], limit, float(wait), leave_share=share)
 
     async def take_rate(
         self,
@@ -828,7 +836,7 @@ class RedisTenantLimiter:
             raise
         else:
             self.late_releases.store_answered()
-        self._refuse(tenant, limits, int(which), wait)
+        self._refuse(tenant, limits, int(which), wait, leave_share)
         call_off = None
         if not is_confirmed:  # its reply lost, what it took is Redis's to say
             call_off = functools.partial(self._call_off, keys, lease, [rpm, tpm, requests, tokens])

@@ -582,6 +582,8 @@ async def test_a_batch_paced_by_redis_limits_leaves_its_share_to_other_calls(
     call = first.stub.CompleteBatch(batch, metadata=as_tenant("team-a"), timeout=3)
     events = [e async for e in call]
     assert (events[-1].summary.succeeded, events[-1].summary.failed) == (8, 1)
+    (refused,) = (e.result for e in events if e.HasField("result") and e.result.HasField("error"))
+    assert "20% of it kept for the tenant's other calls" in refused.error.message
     for _ in range(2):
         assert (await second.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
     assert len(upstream.requests) == 10

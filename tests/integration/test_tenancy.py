@@ -839,6 +839,8 @@ async def test_a_paced_batch_leaves_a_share_of_its_tenants_minute_to_other_calls
     events = [e async for e in call]
     summary = events[-1].summary
     assert (summary.succeeded, summary.failed) == (8, 1)
+    (refused,) = (e.result for e in events if e.HasField("result") and e.result.HasField("error"))
+    assert "20% of it kept for the tenant's other calls" in refused.error.message
     for _ in range(2):
         assert (await gw.stub.Complete(chat(), metadata=as_tenant("team-a"))).content
     assert len(upstream.requests) == 10
