@@ -489,6 +489,10 @@ async def test_a_lost_attempt_counts_against_its_tenants_budget(
     assert len(fakes[0].requests) == len(fakes[1].requests) == 1
 
 
+# Long enough for the answer to come on a loaded machine, short for the suite.
+_WRITES_PAUSED_MS = 3000
+
+
 @pytest.mark.redis
 @pytest.mark.parametrize("cache", ["off", "shared"])
 @pytest.mark.parametrize("mode", MODES)
@@ -518,19 +522,25 @@ async def test_a_call_cut_while_its_lost_attempts_are_recorded_records_them_and_
     params = pb.GenerationParams(temperature=0.0)  # cacheable: the call runs in a flight
     answered = asyncio.ensure_future(call(gateway, mode, params=params))
     await eventually(lambda: len(fakes[0].requests) == 2)
+    counters = gateway.server.pipeline.pool.counters
     client = aioredis.Redis.from_url(redis_server.url)
+    loop = asyncio.get_running_loop()
     try:
-        await client.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
-        await asyncio.sleep(0.6)  # answered, and its lost attempts waiting on Redis
+        await client.execute_command("CLIENT", "PAUSE", _WRITES_PAUSED_MS, "WRITE")
+        writes_resume_at = loop.time() + _WRITES_PAUSED_MS / 1000
+        # Answered (its third attempt ended: a fixed sleep lost the race on a loaded
+        # machine, and the cancel cut the answer), its lost attempts waiting on Redis.
+        await eventually(lambda: counters.attempts == 3)
         answered.cancel()
         with pytest.raises(asyncio.CancelledError):
             await answered
     finally:
         await client.aclose()
+    assert loop.time() < writes_resume_at  # cancelled while the recording still waited
     # Counted once the server has seen the cancel: a lookup counts as the flight it ended on.
     await eventually(lambda: gateway.server.pipeline.cache.stats.misses == (cache == "shared"))
     ledger_ = gateway.server.pipeline.ledger
-    await asyncio.sleep(1.2)  # Redis takes writes again
+    await asyncio.sleep(max(0.0, writes_resume_at - loop.time()) + 0.1)  # writes taken again
     await eventually(lambda: ledger_.late_releases.pending == 0)
     response = await usage(gateway)
     rows = by_upstream(response)
