@@ -33,6 +33,7 @@ from service.config import (
     UpstreamConfig,
     host_and_port,
 )
+from service.errors import ServiceUnknown
 from service.hosts import ListenError, bind_failure
 from service.ledger import RedisLedger, WallClock, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
@@ -46,6 +47,7 @@ from service.rpc_boundary import (
     Admission,
     GenericOnly,
     StalledStreams,
+    abort_with,
     add_service,
     guard_servicer,
     pending_call_options,
@@ -641,9 +643,11 @@ class EndableHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # un
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:
+        """The service's status; NOT_FOUND, naming the services it knows, for another."""
         status = self._statuses.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND)
+            unknown = ServiceUnknown(request.service, known=sorted(self._statuses))
+            await abort_with(context, unknown, "Check")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(

@@ -38,6 +38,7 @@ from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gatewa
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
 from tests.integration.gateway_process import listening_port
+from tests.integration.helpers import error_info
 from tests.integration.test_resilience import settle
 from tests.redis_server import RedisServer
 from tests.secret_capture import record_emitted, register_secret
@@ -51,6 +52,26 @@ async def test_health_reports_serving_for_server_and_service(gateway):
     for service in ("", "llmgateway.v1.CompletionService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_check_of_an_unknown_service_is_not_found_naming_those_it_knows(gateway):
+    """A Check of a service the gateway reports nothing for is NOT_FOUND (the health
+    protocol's answer) with a message naming it and the services it knows, and ErrorInfo
+    `SERVICE_UNKNOWN`. Before, it was a bare NOT_FOUND: no message, no details."""
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health.Check(health_pb2.HealthCheckRequest(service="llmgateway.v1.Gateway"))
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == (
+        "health reports no service 'llmgateway.v1.Gateway'; it reports '' (the server), "
+        "'llmgateway.v1.CompletionService'"
+    )
+    info = error_info(caught.value)
+    assert info.reason == "SERVICE_UNKNOWN"
+    assert dict(info.metadata) == {
+        "service": "llmgateway.v1.Gateway",
+        "known_services": ",llmgateway.v1.CompletionService",
+    }
 
 
 def _calls_awaited_per_registered_method() -> int:
