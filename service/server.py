@@ -42,7 +42,7 @@ from service.machine_turns import MachineTurns
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
-from service.redis_access import check_redis_access
+from service.redis_access import check_redis_access, warn_of_no_answer
 from service.rpc_boundary import (
     Admission,
     GenericOnly,
@@ -227,7 +227,8 @@ class GatewayServer:
         """Build everything and start listening."""
         check_listen_hosts(self.config)  # before the policy, which would call 127.1 public
         check_caller_security(self.config)
-        await check_redis_access(self.config)  # before the local model's minutes
+        # Before the local model's minutes; a Redis with no answer is said, not refused.
+        warn_of_no_answer(await check_redis_access(self.config))
         auth_redis = open_auth_redis(self.config, self._stack)
         gate = await build_caller_gate(self.config, self._stack, auth_redis)
         self.tenant_limiter = gate.limiter
