@@ -6,6 +6,7 @@
     │   └── ToolsUnsupported      INVALID_ARGUMENT  (tools to a model none of whose
     │                                                upstreams takes them)
     ├── ModelNotFound             NOT_FOUND         (ErrorInfo)
+    ├── ServiceUnknown            NOT_FOUND         (ErrorInfo: a health Check's service)
     ├── Unauthenticated           UNAUTHENTICATED   (ErrorInfo)
     ├── PermissionDenied          PERMISSION_DENIED (ErrorInfo)
     ├── QuotaExceeded             RESOURCE_EXHAUSTED (QuotaFailure, RetryInfo, pushback trailer)
@@ -33,6 +34,7 @@ configured name only, never by URL or key.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
@@ -242,6 +244,26 @@ class ModelNotFound(GatewayError):
     def __init__(self, model: str) -> None:
         super().__init__(f"model {quoted(model)} is not served by any configured upstream")
         self.model = model
+
+
+class ServiceUnknown(GatewayError):
+    """A health Check named a service the gateway reports no status for (a typo in a
+    probe's service name): NOT_FOUND, as the health protocol has it, saying which it knows.
+    """
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    reason = "SERVICE_UNKNOWN"
+
+    def __init__(self, service: str, *, known: Sequence[str]) -> None:
+        """`known`: the services Check answers for, "" (the whole server) among them."""
+        super().__init__(f"health reports no service {quoted(service)}; it reports {_names(known)}")
+        self.service = service
+        self.known = tuple(known)
+
+
+def _names(services: Sequence[str]) -> str:
+    """Health service names as a message lists them: `'' (the server), 'a.B'`."""
+    return ", ".join(repr(name) + (" (the server)" if not name else "") for name in services)
 
 
 class Unauthenticated(GatewayError):
@@ -778,6 +800,9 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     message = exc.message
     if isinstance(exc, ModelNotFound | ToolsUnsupported):
         metadata["model"] = clipped(exc.model)
+    if isinstance(exc, ServiceUnknown):
+        metadata["service"] = clipped(exc.service)
+        metadata["known_services"] = ",".join(exc.known)
     if isinstance(exc, UpstreamError):
         metadata["upstream"] = exc.upstream
         if exc.status is not None:

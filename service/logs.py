@@ -109,9 +109,14 @@ class CallerHeaderFilter(logging.Filter):
 
 
 # The start-up warnings `serve --workers N` says once for the gateway, not once a process:
-# the supervisor says its listen policy's itself, before any worker starts...
+# the supervisor says its listen policy's and the Redis servers' that give no answer
+# itself, before any worker starts...
 SAID_BY_THE_SUPERVISOR: Final = frozenset(
-    {"security.keys_without_tls", "security.auth_off_on_public_listen"}
+    {
+        "security.keys_without_tls",
+        "security.auth_off_on_public_listen",
+        "redis.no_answer_at_start",
+    }
 )
 # ...and worker 0 these, which only a worker finds as it starts: its upstreams (keys over
 # plain http, none at all), their models' prices, key entries naming tenant `default`.

@@ -33,6 +33,7 @@ from service.config import (
     UpstreamConfig,
     host_and_port,
 )
+from service.errors import ServiceUnknown
 from service.hosts import ListenError, bind_failure
 from service.ledger import RedisLedger, WallClock, open_ledger
 from service.local_model import UPSTREAM_NAME as LOCAL_UPSTREAM
@@ -41,11 +42,12 @@ from service.machine_turns import MachineTurns
 from service.pipeline import Pipeline
 from service.pool import UpstreamPool
 from service.pricing import PriceList
-from service.redis_access import check_redis_access
+from service.redis_access import check_redis_access, warn_of_no_answer
 from service.rpc_boundary import (
     Admission,
     GenericOnly,
     StalledStreams,
+    abort_with,
     add_service,
     guard_servicer,
     pending_call_options,
@@ -225,7 +227,8 @@ class GatewayServer:
         """Build everything and start listening."""
         check_listen_hosts(self.config)  # before the policy, which would call 127.1 public
         check_caller_security(self.config)
-        await check_redis_access(self.config)  # before the local model's minutes
+        # Before the local model's minutes; a Redis with no answer is said, not refused.
+        warn_of_no_answer(await check_redis_access(self.config))
         auth_redis = open_auth_redis(self.config, self._stack)
         gate = await build_caller_gate(self.config, self._stack, auth_redis)
         self.tenant_limiter = gate.limiter
@@ -641,9 +644,11 @@ class EndableHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # un
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:
+        """The service's status; NOT_FOUND, naming the services it knows, for another."""
         status = self._statuses.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND)
+            unknown = ServiceUnknown(request.service, known=sorted(self._statuses))
+            await abort_with(context, unknown, "Check")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(

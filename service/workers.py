@@ -907,14 +907,16 @@ def run_workers(config: GatewayConfig, *, count: int, log_level: str = "INFO") -
     Raises:
         ConfigError: the workers' Prometheus ports do not fit, a listen host is none
             this machine can listen on, the listen policy refuses the address, or a
-            Redis refuses the credentials (said once by `serve`, not by every worker).
+            Redis refuses the credentials (said once by `serve`, not by every worker, as is
+            a Redis giving no answer: `redis.no_answer_at_start`, a warning).
     """
-    from service.redis_access import check_redis_access
+    from service.redis_access import check_redis_access, warn_of_no_answer
     from service.security import check_caller_security, check_listen_hosts
 
     check_listen_hosts(config)  # said once by the supervisor, which binds them first
     check_caller_security(config)
-    asyncio.run(check_redis_access(config))  # and a Redis refusing the credentials
+    # And a Redis refusing the credentials; one that gives no answer is said once, here.
+    warn_of_no_answer(asyncio.run(check_redis_access(config)))
     try:
         return asyncio.run(_supervise(worker_configs(config, count), log_level))
     finally:

@@ -38,7 +38,9 @@ from tests.conftest import FAKE_MODEL, chat, chat_stream, gateway_config, gatewa
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.host_addresses import link_local_address
 from tests.integration.gateway_process import listening_port
+from tests.integration.helpers import error_info
 from tests.integration.test_resilience import settle
+from tests.ports import refusing_port
 from tests.redis_server import RedisServer
 from tests.secret_capture import record_emitted, register_secret
 
@@ -51,6 +53,26 @@ async def test_health_reports_serving_for_server_and_service(gateway):
     for service in ("", "llmgateway.v1.CompletionService"):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_check_of_an_unknown_service_is_not_found_naming_those_it_knows(gateway):
+    """A Check of a service the gateway reports nothing for is NOT_FOUND (the health
+    protocol's answer) with a message naming it and the services it knows, and ErrorInfo
+    `SERVICE_UNKNOWN`. Before, it was a bare NOT_FOUND: no message, no details."""
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health.Check(health_pb2.HealthCheckRequest(service="llmgateway.v1.Gateway"))
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == (
+        "health reports no service 'llmgateway.v1.Gateway'; it reports '' (the server), "
+        "'llmgateway.v1.CompletionService'"
+    )
+    info = error_info(caught.value)
+    assert info.reason == "SERVICE_UNKNOWN"
+    assert dict(info.metadata) == {
+        "service": "llmgateway.v1.Gateway",
+        "known_services": ",llmgateway.v1.CompletionService",
+    }
 
 
 def _calls_awaited_per_registered_method() -> int:
@@ -873,13 +895,118 @@ async def test_a_redis_database_past_its_databases_stops_the_start_with_status_2
 async def _refused_check(path: Path) -> tuple[int, str]:
     """`llm-gateway check --config PATH`, expected to refuse the config: its exit code and
     stderr."""
+    code, _, stderr = await _checked(path)
+    return code, stderr
+
+
+async def _checked(path: Path) -> tuple[int, str, str]:
+    """`llm-gateway check --config PATH`: its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway_client.cli", "check", "--config", str(path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode is not None
-    return process.returncode, stderr.decode()
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+# A password in a Redis URL (the ledger's may carry one), never to be printed.
+_URL_PASSWORD = "in-url-0123456789"
+
+
+async def test_check_warns_of_a_redis_that_does_not_answer_without_its_password(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A Redis refusing connections (down) is one warning line from `check`, naming the
+    keys that use it, its address without the password and what failed; the config still
+    passes and `check` exits 0, as for its other warnings: Redis may come up later.
+
+    Before, `check` said nothing of it: the first sign was the calls' failing stores.
+    """
+    with refusing_port() as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        path = _redis_sections_config(
+            tmp_path,
+            upstream.base_url,
+            url,
+            ledger_url=f"redis://gw:{_URL_PASSWORD}@127.0.0.1:{port}/0",
+        )
+        code, stdout, stderr = await _checked(path)
+    assert code == 0, stderr
+    assert f"config {path}: ok" in stdout
+    [warning] = [line for line in stderr.splitlines() if "does not answer" in line]
+    assert warning.startswith(
+        f"warning: cache.redis_url, auth.redis_url, ledger.redis_url: Redis at {url} does not "
+        f"answer (Error 111 connecting to 127.0.0.1:{port}."
+    )
+    assert warning.endswith(
+        "); serve starts anyway and runs through it as through an outage (budgets and tenant "
+        "limits fail open, the cache is skipped) until it answers"
+    )
+    assert _URL_PASSWORD not in stdout + stderr
+
+
+@contextlib.asynccontextmanager
+async def _hung_redis() -> AsyncIterator[str]:
+    """The URL of a Redis that takes connections and never answers (a partition's)."""
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client leaves
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_check_waits_for_a_hung_redis_at_most_a_second(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A Redis that takes the connection and never answers is warned of after at most
+    1 s, whatever its section's timeout (30 s here): a start is not held for it."""
+    async with _hung_redis() as url:
+        data = gateway_config_data(
+            upstream.base_url, ledger={"redis_url": url, "operation_timeout_s": 30}
+        )
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(data))
+        code, _, stderr = await _checked(path)
+    assert code == 0, stderr
+    assert (
+        f"warning: ledger.redis_url: Redis at {url} does not answer (no answer within 1 s)"
+        in stderr
+    )
+
+
+@pytest.mark.redis
+async def test_check_says_nothing_of_a_redis_that_answers(
+    upstream: FakeUpstream, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A Redis that answers the PING gets no warning from `check`."""
+    path = _redis_sections_config(tmp_path, upstream.base_url, redis_server.url)
+    code, stdout, stderr = await _checked(path)
+    assert code == 0, stderr
+    assert f"config {path}: ok" in stdout
+    assert "warning" not in stderr
+
+
+def _redis_sections_config(
+    tmp_path: Path, base_url: str, url: str, *, ledger_url: str | None = None
+) -> Path:
+    """A config whose cache, auth and ledger all use the Redis at `url` (the ledger's at
+    `ledger_url`, when given: one with credentials)."""
+    data = gateway_config_data(
+        base_url,
+        cache={"backend": "redis", "redis_url": url},
+        auth={"redis_url": url},
+        ledger={"redis_url": ledger_url or url},
+    )
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 # What Redis in protected mode (its default setting, with no password for its default

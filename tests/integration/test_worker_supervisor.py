@@ -31,6 +31,8 @@ from tests.integration.gateway_process import is_running
 from tests.integration.helpers import error_info, retry_delay_s
 from tests.integration.pki import make_pki
 from tests.integration.test_local_model_restart import MODEL, _squatting, stand_in_local_model
+from tests.ports import refusing_port
+from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 _HANG_GUARD_S = 60.0
@@ -394,6 +396,65 @@ async def test_each_start_warning_is_said_once_by_the_gateway(
     assert {w: len(lines) for w, lines in said.items()} == dict.fromkeys(warnings, 1), said
     writers = [lines[0].rstrip().rpartition(" ")[2] for lines in said.values()]
     assert writers == ["worker=supervisor"] + ["worker=0"] * (len(warnings) - 1)
+
+
+# A password in the ledger's Redis URL, never to be logged.
+_URL_PASSWORD = "in-url-0123456789"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_redis_that_does_not_answer_at_start_is_warned_of_once(
+    tmp_path: Path, workers: str
+) -> None:
+    """A Redis refusing connections as the gateway starts: it starts (an outage, run
+    through) and logs one `redis.no_answer_at_start` warning naming the Redis without its
+    password, the keys using it and the error; with `--workers 2`, from the supervisor.
+
+    Before, nothing was said until the first call's stores failed and cooled down.
+    """
+    with refusing_port() as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        path = _write_config(
+            tmp_path,
+            cache={"backend": "redis", "redis_url": url},
+            auth={"redis_url": url},
+            ledger={"redis_url": f"redis://gw:{_URL_PASSWORD}@127.0.0.1:{port}/0"},
+        )
+        async with _serve_logged("--config", str(path), "--workers", workers) as (process, log):
+            await _listening(process)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(_HANG_GUARD_S):
+                assert await process.wait() == 0
+    [warning] = log.events("redis.no_answer_at_start")
+    assert " WARNING " in warning
+    assert (
+        f" redis={url} keys=cache.redis_url, auth.redis_url, ledger.redis_url "
+        f"error=Error 111 connecting to 127.0.0.1:{port}."
+    ) in warning
+    if workers == "2":
+        assert warning.rstrip().endswith("worker=supervisor")
+    assert _URL_PASSWORD not in "".join(log.lines)
+
+
+@pytest.mark.redis
+async def test_a_redis_that_answers_at_start_is_not_warned_of(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """No `redis.no_answer_at_start` for a Redis that answers the start's PING."""
+    url = redis_server.url
+    path = _write_config(
+        tmp_path,
+        cache={"backend": "redis", "redis_url": url},
+        auth={"redis_url": url},
+        ledger={"redis_url": url},
+    )
+    async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
+        await _listening(process)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(_HANG_GUARD_S):
+            assert await process.wait() == 0
+    assert log.events("server.workers")  # the log was read
+    assert log.events("redis.no_answer_at_start") == []
 
 
 async def test_a_keys_file_turned_unusable_is_said_by_worker_0_alone(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from service.hosts import ListenError
 from service.local_model import refuse_a_bad_model_file, start_problem
 from service.main import with_flags
 from service.otel_context import CONTEXT, DEFAULT_CONTEXT
-from service.redis_access import check_redis_access
+from service.redis_access import RedisNoAnswer, check_redis_access
 from service.security import check_start_config, public_listen_warning
 from service.server import NO_UPSTREAM_FIX, TLS_REFUSED, refuse_taken, refuses_tls
 from service.telemetry import TelemetrySetupError
@@ -183,6 +183,14 @@ def _warn_of_writable_keys_file(config: GatewayConfig) -> None:
             print(f"warning: {problem} (auth.keys_file_writable)", file=sys.stderr)
 
 
+def _warn_of_no_answer(no_answers: list[RedisNoAnswer]) -> None:
+    """Say on stderr which Redis gave no answer, as `serve` warns
+    `redis.no_answer_at_start`: a warning, not a failure, as Redis may come up later and
+    the gateway runs through an outage."""
+    for no_answer in no_answers:
+        print(f"warning: {no_answer.warning()}", file=sys.stderr)
+
+
 def format_checks(checks: list[UpstreamCheck]) -> str:
     """The checks as an aligned text table."""
     rows = [("UPSTREAM", "REACHABLE", "KEY", "MODELS", "LATENCY", "PROBLEM")]
@@ -221,7 +229,7 @@ async def check_command(args: argparse.Namespace) -> int:
             choose_proxy(upstream, os.environ)
         if config.server.tls.is_enabled and await refuses_tls(config.server):
             raise config.error("server.tls.cert_file", TLS_REFUSED)
-        await check_redis_access(config)
+        no_answers = await check_redis_access(config)
         if config.wants_local_model:
             refuse_a_bad_model_file(config)
     except ConfigError as exc:
@@ -233,6 +241,7 @@ async def check_command(args: argparse.Namespace) -> int:
     _warn_of_taken_ports(config)
     _warn_of_unknown_context(config)
     _warn_of_writable_keys_file(config)
+    _warn_of_no_answer(no_answers)
     # What `serve` would exit 1 on, where this said the local model would serve.
     problem = start_problem(config.local_model) if config.wants_local_model else None
     if problem is not None:

@@ -13,7 +13,9 @@ or its model file lacks the `chat_template.NAME` asked for, else 0: a server tha
 `/models` (404, 405) passes, its key unknown. Upstreams whose key variable is unset are
 listed as skipped. Keys are never printed. Several workers (`--workers N`,
 `server.workers`) that would each keep state in memory that must agree across them are
-warned of, as `serve` warns, and so is a keys file its group or every user may write.
+warned of, as `serve` warns, and so is a keys file its group or every user may write,
+and a Redis that gives no answer (down, unreachable, hung past 1 s): an outage the
+gateway starts and runs through, not a failure.
 """
 
 from __future__ import annotations
