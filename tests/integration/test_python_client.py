@@ -184,12 +184,12 @@ async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
     when made (ValueError), and the CLI as a usage error (exit 2), before any call."""
     host, _, port = gateway.server.address.rpartition(":")
     wrapped = form.format(host=host, port=int(port) + 65536)
-    with pytest.raises(ValueError, match=r"the port must be 0\.\.65535"):
+    with pytest.raises(ValueError, match=r"the port must be 1\.\.65535, in digits alone"):
         GatewayClient(wrapped, api_key="llmgw_not_for_that_port")
     with pytest.raises(SystemExit) as usage_error:
         cli.main(["models", "--address", wrapped])
     assert usage_error.value.code == 2
-    assert "the port must be 0..65535" in capsys.readouterr().err
+    assert "the port must be 1..65535, in digits alone" in capsys.readouterr().err
 
 
 def test_an_address_that_is_not_utf8_is_refused_not_a_traceback(

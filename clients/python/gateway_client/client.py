@@ -687,10 +687,12 @@ def _is_loopback_host_port(target: str) -> bool:
 def check_address(address: str) -> None:
     """Refuse a gRPC target gRPC would misread: an empty one, one not UTF-8 text, or a
     `HOST:PORT` (also as `dns:///HOST:PORT`, `dns:HOST:PORT`, `dns://DNS-SERVER/HOST:PORT`,
-    or in an `ipv4:`/`ipv6:` list) whose port is past 65535.
+    or in an `ipv4:`/`ipv6:` list) whose port is not 1..65535 written in digits alone.
 
-    gRPC takes such a port modulo 65536 (`:115587` is `:50051`), and would send the calls,
-    and the caller key with them, to whatever listens there.
+    gRPC takes a port past 65535 modulo 65536 (`:115587` is `:50051`), reads a sign or a
+    leading blank (`:-15485` is `:50051` too, `:+50051` and `: 50051` are `:50051`), and
+    an empty port (`HOST:`, a script's unset variable) as 443: it would send the calls, and
+    the caller key with them, to whatever listens there.
 
     Raises:
         ValueError: the address, and what is wrong with it.
@@ -704,15 +706,36 @@ def check_address(address: str) -> None:
     # Read as gRPC reads it: a port with trailing blanks (`:115587 `) or escaped colons
     # (`%3A115587`) is still that port.
     target = _resolved_target(address)
+    if target[:5].lower() == "unix:" or target[:14].lower() == "unix-abstract:":
+        return  # a socket's path or name, not HOST:PORT
     # `ipv4:`/`ipv6:` name a list of addresses, each with its port: gRPC refuses a port
     # past 65535 there only as each call fails UNKNOWN ("the target uri is not valid").
     for each in _listed_addresses(target):
-        host, sep, port = each.rpartition(":")
-        # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
-        names_port = bool(sep and host) and "/" not in each
-        names_port = names_port and (host.startswith("[") or ":" not in host)
-        if names_port and port.isascii() and port.isdigit() and int(port) > 65535:
-            raise ValueError(f"{address!r}: the port must be 0..65535")
+        port = _port_of(each)
+        if port is not None and not _is_port_number(port):
+            raise ValueError(f"{address!r}: the port must be 1..65535, in digits alone")
+
+
+def _port_of(target: str) -> str | None:
+    """The port text one `HOST:PORT` or `[V6]:PORT` names, as written (`""` for `HOST:`),
+    or None when it names none: a bare host, a bare IPv6 address (`::1`, whose colons are
+    its own), or a target that is no `HOST:PORT` (a path)."""
+    if "/" in target:
+        return None
+    if target.startswith("["):
+        rest = target.partition("]")[2]
+        return rest[1:] if rest.startswith(":") else None
+    host, sep, port = target.rpartition(":")
+    return port if sep and host and ":" not in host else None
+
+
+def _is_port_number(port: str) -> bool:
+    """Whether `port` is a port number as written in digits alone: 1..65535.
+
+    Not `int(port)`, which takes a sign and blanks (`"+1"`, `" 1"`, `"-1"`) that gRPC
+    reads its own way; `str.isdigit` takes other scripts' digits too (fullwidth `"\\uff15"`).
+    """
+    return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _is_utf8(text: str) -> bool:
