@@ -476,6 +476,45 @@ async def test_a_client_made_outside_any_event_loop_serves_each_loop_it_is_calle
     assert await asyncio.to_thread(outside_any_loop) == ["Hello from fake"] * 2
 
 
+@pytest.mark.parametrize("made", ["in-the-first-loop", "outside-any-loop"])
+async def test_a_client_serves_a_new_loop_after_its_first_was_stopped_and_left_unclosed(
+    gateway: RunningGateway, made: str
+) -> None:
+    """A loop run with `run_until_complete` is left stopped, not closed: the `asyncio.run`
+    after it (and the one after that) gets a channel of its own, and the first loop,
+    run again, gets one back. Before, a channel whose loop was not closed was taken for
+    one serving a loop that still ran in another thread: every later call failed "make a
+    GatewayClient in each event loop", in the one thread."""
+
+    def in_one_thread() -> list[str]:
+        first_loop = asyncio.new_event_loop()
+        try:
+
+            async def make() -> GatewayClient:
+                return GatewayClient(gateway.server.address, timeout_s=WAIT_S)
+
+            client = (
+                first_loop.run_until_complete(make())
+                if made == "in-the-first-loop"
+                else GatewayClient(gateway.server.address, timeout_s=WAIT_S)
+            )
+
+            async def ask() -> str:
+                return (await client.complete("Say hi", model=FAKE_MODEL)).content
+
+            answers = [first_loop.run_until_complete(ask())]
+            assert not first_loop.is_running()
+            assert not first_loop.is_closed()
+            answers += [asyncio.run(ask()), asyncio.run(ask())]
+            answers.append(first_loop.run_until_complete(ask()))
+            first_loop.run_until_complete(client.close())
+            return answers
+        finally:
+            first_loop.close()
+
+    assert await asyncio.to_thread(in_one_thread) == ["Hello from fake"] * 4
+
+
 async def test_a_client_called_from_a_second_running_loop_says_to_make_one_per_loop(
     gateway: RunningGateway,
 ) -> None:

@@ -925,7 +925,9 @@ class GatewayClient:
         A grpc.aio channel serves the loop it was made in only, and failed every call of
         another ("attached to a different loop", "Event loop is closed"): a client made
         outside any loop (a module's global) makes its channel at its first call, and
-        one whose loop has closed (an earlier `asyncio.run`) makes a new one.
+        one whose loop no longer runs (an earlier `asyncio.run`, or a loop's
+        `run_until_complete` that returned, the loop left stopped but not closed) makes a
+        new one.
 
         Raises:
             RuntimeError: no event loop runs, or the channel's loop still runs (in
@@ -939,15 +941,17 @@ class GatewayClient:
         return self._stub
 
     def _open_channel(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Make the client's channel for `loop`, in place of one whose loop has closed."""
+        """Make the client's channel for `loop`, in place of one whose loop no longer runs
+        (closed, or stopped and left unclosed)."""
         if self._life.is_closed:
             raise grpc.aio.UsageError("the GatewayClient is closed")
-        if self._channel_loop is not None and not self._channel_loop.is_closed():
+        if self._channel_loop is not None and self._channel_loop.is_running():
             raise RuntimeError(
                 "this GatewayClient's channel serves another event loop, which still runs "
                 "(in another thread): make a GatewayClient in each event loop"
             )
-        # The channel of a closed loop, if any, is closed as it is collected.
+        # The channel of a loop that no longer runs, if any, is closed as it is collected:
+        # its `await channel.close()` would need that loop running.
         if self._credentials is not None:
             self._channel = grpc.aio.secure_channel(
                 self._address, self._credentials, options=self._options
