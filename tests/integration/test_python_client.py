@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gc
 import io
 import json
 import logging
@@ -351,6 +352,108 @@ async def test_a_failed_stream_or_batch_looped_over_again_raises_its_failure_aga
                 grpc.StatusCode.NOT_FOUND if kind == "stream" else grpc.StatusCode.INVALID_ARGUMENT
             )
             assert raised.value.code() == expected
+
+
+LEFT_BEFORE_ITS_END = "call was cancelled when a loop over it was left before its end"
+
+
+@pytest.mark.parametrize("how", ["break", "peek"])
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+async def test_a_stream_or_batch_left_early_then_looped_over_again_fails_cancelled(
+    upstream: FakeUpstream, gateway: RunningGateway, kind: str, how: str
+) -> None:
+    """A loop left before the end (a break, or a first event peeked with
+    `anext(aiter(...))` and no loop reading on at once) cancels the call: a later loop fails
+    CANCELLED, an `AioRpcError` as any failed call, and so does the one after it. Before,
+    the next loop raised a bare `asyncio.CancelledError` (ending the caller's task as
+    though someone had cancelled it), and the loop after that yielded nothing, as though
+    the call had answered nothing."""
+    if kind == "stream":
+        upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=3.0))
+    else:
+        upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=60))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    try:
+        async with GatewayClient(gateway.server.address, timeout_s=WAIT_S) as client:
+            events: Any = (
+                client.stream("Tell a story", model=FAKE_MODEL)
+                if kind == "stream"
+                else client.complete_batch(items, concurrency=2)
+            )
+            if how == "peek":
+                await anext(aiter(events))
+            else:
+                async for _ in events:
+                    break
+            # The left reader is closed in a turn of the loop to come, cancelling the call.
+            await upstream.wait_for_disconnect(timeout_s=WAIT_S)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    async for _ in events:
+                        pass
+                assert raised.value.code() == grpc.StatusCode.CANCELLED
+                assert LEFT_BEFORE_ITS_END in (raised.value.details() or "")
+        del events
+        gc.collect()
+        await asyncio.sleep(0)  # a turn for whatever the collection scheduled
+    finally:
+        loop.set_exception_handler(None)
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    assert unhandled == []
+
+
+@pytest.mark.parametrize("how", ["unread", "peek"])
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+async def test_a_stream_or_batch_of_an_ended_event_loop_fails_cancelled_in_a_later_one(
+    upstream: FakeUpstream, gateway: RunningGateway, kind: str, how: str
+) -> None:
+    """A stream (or batch) made in one `asyncio.run`, unread or its first event peeked,
+    then looped over in the next: the first loop's end cancelled its call, and each later
+    loop fails CANCELLED. Before, the first raised a bare `asyncio.CancelledError`, or
+    yielded nothing without a word, and the loops after it nothing."""
+    if kind == "stream":
+        upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=3.0))
+    else:
+        upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=60))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+
+    def in_one_thread() -> list[tuple[grpc.StatusCode, str]]:
+        client = GatewayClient(gateway.server.address, timeout_s=WAIT_S)
+
+        async def begin() -> Any:
+            events: Any = (
+                client.stream("Tell a story", model=FAKE_MODEL)
+                if kind == "stream"
+                else client.complete_batch(items, concurrency=2)
+            )
+            if how == "peek":
+                await anext(aiter(events))
+            return events
+
+        async def read_on(events: Any) -> list[tuple[grpc.StatusCode, str]]:
+            failures = []
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    async for _ in events:
+                        pass
+                failures.append((raised.value.code(), raised.value.details() or ""))
+            await client.close()
+            return failures
+
+        return asyncio.run(read_on(asyncio.run(begin())))
+
+    for code, details in await asyncio.to_thread(in_one_thread):
+        assert code == grpc.StatusCode.CANCELLED
+        assert "call was cancelled" in details
 
 
 async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
