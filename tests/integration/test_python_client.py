@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gc
 import io
 import json
 import logging
@@ -184,12 +185,12 @@ async def test_a_port_past_65535_is_refused_not_wrapped_onto_another_port(
     when made (ValueError), and the CLI as a usage error (exit 2), before any call."""
     host, _, port = gateway.server.address.rpartition(":")
     wrapped = form.format(host=host, port=int(port) + 65536)
-    with pytest.raises(ValueError, match=r"the port must be 0\.\.65535"):
+    with pytest.raises(ValueError, match=r"the port must be 1\.\.65535, in digits alone"):
         GatewayClient(wrapped, api_key="llmgw_not_for_that_port")
     with pytest.raises(SystemExit) as usage_error:
         cli.main(["models", "--address", wrapped])
     assert usage_error.value.code == 2
-    assert "the port must be 0..65535" in capsys.readouterr().err
+    assert "the port must be 1..65535, in digits alone" in capsys.readouterr().err
 
 
 def test_an_address_that_is_not_utf8_is_refused_not_a_traceback(
@@ -353,6 +354,108 @@ async def test_a_failed_stream_or_batch_looped_over_again_raises_its_failure_aga
             assert raised.value.code() == expected
 
 
+LEFT_BEFORE_ITS_END = "call was cancelled when a loop over it was left before its end"
+
+
+@pytest.mark.parametrize("how", ["break", "peek"])
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+async def test_a_stream_or_batch_left_early_then_looped_over_again_fails_cancelled(
+    upstream: FakeUpstream, gateway: RunningGateway, kind: str, how: str
+) -> None:
+    """A loop left before the end (a break, or a first event peeked with
+    `anext(aiter(...))` and no loop reading on at once) cancels the call: a later loop fails
+    CANCELLED, an `AioRpcError` as any failed call, and so does the one after it. Before,
+    the next loop raised a bare `asyncio.CancelledError` (ending the caller's task as
+    though someone had cancelled it), and the loop after that yielded nothing, as though
+    the call had answered nothing."""
+    if kind == "stream":
+        upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=3.0))
+    else:
+        upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=60))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    try:
+        async with GatewayClient(gateway.server.address, timeout_s=WAIT_S) as client:
+            events: Any = (
+                client.stream("Tell a story", model=FAKE_MODEL)
+                if kind == "stream"
+                else client.complete_batch(items, concurrency=2)
+            )
+            if how == "peek":
+                await anext(aiter(events))
+            else:
+                async for _ in events:
+                    break
+            # The left reader is closed in a turn of the loop to come, cancelling the call.
+            await upstream.wait_for_disconnect(timeout_s=WAIT_S)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    async for _ in events:
+                        pass
+                assert raised.value.code() == grpc.StatusCode.CANCELLED
+                assert LEFT_BEFORE_ITS_END in (raised.value.details() or "")
+        del events
+        gc.collect()
+        await asyncio.sleep(0)  # a turn for whatever the collection scheduled
+    finally:
+        loop.set_exception_handler(None)
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    assert unhandled == []
+
+
+@pytest.mark.parametrize("how", ["unread", "peek"])
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+async def test_a_stream_or_batch_of_an_ended_event_loop_fails_cancelled_in_a_later_one(
+    upstream: FakeUpstream, gateway: RunningGateway, kind: str, how: str
+) -> None:
+    """A stream (or batch) made in one `asyncio.run`, unread or its first event peeked,
+    then looped over in the next: the first loop's end cancelled its call, and each later
+    loop fails CANCELLED. Before, the first raised a bare `asyncio.CancelledError`, or
+    yielded nothing without a word, and the loops after it nothing."""
+    if kind == "stream":
+        upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=3.0))
+    else:
+        upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=60))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+
+    def in_one_thread() -> list[tuple[grpc.StatusCode, str]]:
+        client = GatewayClient(gateway.server.address, timeout_s=WAIT_S)
+
+        async def begin() -> Any:
+            events: Any = (
+                client.stream("Tell a story", model=FAKE_MODEL)
+                if kind == "stream"
+                else client.complete_batch(items, concurrency=2)
+            )
+            if how == "peek":
+                await anext(aiter(events))
+            return events
+
+        async def read_on(events: Any) -> list[tuple[grpc.StatusCode, str]]:
+            failures = []
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    async for _ in events:
+                        pass
+                failures.append((raised.value.code(), raised.value.details() or ""))
+            await client.close()
+            return failures
+
+        return asyncio.run(read_on(asyncio.run(begin())))
+
+    for code, details in await asyncio.to_thread(in_one_thread):
+        assert code == grpc.StatusCode.CANCELLED
+        assert "call was cancelled" in details
+
+
 async def test_cancelling_a_stream_inside_its_loop_ends_the_loop(
     upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:
@@ -474,6 +577,45 @@ async def test_a_client_made_outside_any_event_loop_serves_each_loop_it_is_calle
         return answers
 
     assert await asyncio.to_thread(outside_any_loop) == ["Hello from fake"] * 2
+
+
+@pytest.mark.parametrize("made", ["in-the-first-loop", "outside-any-loop"])
+async def test_a_client_serves_a_new_loop_after_its_first_was_stopped_and_left_unclosed(
+    gateway: RunningGateway, made: str
+) -> None:
+    """A loop run with `run_until_complete` is left stopped, not closed: the `asyncio.run`
+    after it (and the one after that) gets a channel of its own, and the first loop,
+    run again, gets one back. Before, a channel whose loop was not closed was taken for
+    one serving a loop that still ran in another thread: every later call failed "make a
+    GatewayClient in each event loop", in the one thread."""
+
+    def in_one_thread() -> list[str]:
+        first_loop = asyncio.new_event_loop()
+        try:
+
+            async def make() -> GatewayClient:
+                return GatewayClient(gateway.server.address, timeout_s=WAIT_S)
+
+            client = (
+                first_loop.run_until_complete(make())
+                if made == "in-the-first-loop"
+                else GatewayClient(gateway.server.address, timeout_s=WAIT_S)
+            )
+
+            async def ask() -> str:
+                return (await client.complete("Say hi", model=FAKE_MODEL)).content
+
+            answers = [first_loop.run_until_complete(ask())]
+            assert not first_loop.is_running()
+            assert not first_loop.is_closed()
+            answers += [asyncio.run(ask()), asyncio.run(ask())]
+            answers.append(first_loop.run_until_complete(ask()))
+            first_loop.run_until_complete(client.close())
+            return answers
+        finally:
+            first_loop.close()
+
+    assert await asyncio.to_thread(in_one_thread) == ["Hello from fake"] * 4
 
 
 async def test_a_client_called_from_a_second_running_loop_says_to_make_one_per_loop(

@@ -71,11 +71,24 @@ def test_a_url_for_an_address_is_a_usage_error_saying_what_to_give(
 
 @pytest.mark.parametrize(
     "address",
-    ["", "127.0.0.1:115587", "[::1]:65536", "dns:///gw:70000", "dns:gw:70000", "dns://ns/gw:70000"],
+    [
+        "",
+        "127.0.0.1:115587",
+        "[::1]:65536",
+        "dns:///gw:70000",
+        "dns:gw:70000",
+        "dns://ns/gw:70000",
+        "127.0.0.1:-15485",
+        "127.0.0.1:+50051",
+        "127.0.0.1: 50051",
+        "127.0.0.1:",
+        "127.0.0.1:0",
+    ],
 )
 def test_an_address_grpc_would_misread_is_a_usage_error(address: str, capsys) -> None:
     """gRPC takes a port past 65535 modulo 65536 (another port, maybe another service's),
-    and an empty target fails every call: both are refused before any call."""
+    reads a signed one its own way (`-15485` is 50051), an empty one as 443, and an empty
+    target fails every call: all are refused before any call."""
     with pytest.raises(SystemExit) as caught:
         parse("--address", address)
     assert caught.value.code == 2
@@ -166,7 +179,7 @@ def test_a_refused_address_names_where_it_came_from(argv, named: str, capsys) ->
     assert (
         capsys.readouterr()
         .err.splitlines()[-1]
-        .endswith(f"error: {named}: 'gw:70000': the port must be 0..65535")
+        .endswith(f"error: {named}: 'gw:70000': the port must be 1..65535, in digits alone")
     )
 
 

@@ -403,18 +403,26 @@ class _ClientLife:
     def is_cut_by_close(self) -> bool:
         """Whether a call that gRPC reports cancelled was cut by `close()`, not by the
         cancellation of the task awaiting it (which stays a cancellation)."""
-        task = asyncio.current_task()
-        return self.is_closed and not (task is not None and task.cancelling())
+        return self.is_closed and not _is_task_cancelling()
+
+
+def _is_task_cancelling() -> bool:
+    """Whether the running task is being cancelled: a `CancelledError` it gets is its own,
+    not gRPC's report of a cancelled call."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _cancelled_call_error(details: str) -> grpc.aio.AioRpcError:
+    """The failure of a call the client saw cancelled: CANCELLED, as any failed call's."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
 
 
 def _closed_client_error() -> grpc.aio.AioRpcError:
-    """The failure of a call cut by `close()`: CANCELLED, as the error any other call's."""
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.CANCELLED,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        details="the client was closed while the call was in flight",
-    )
+    """The failure of a call cut by `close()`."""
+    return _cancelled_call_error("the client was closed while the call was in flight")
 
 
 class _CallEnd:
@@ -424,11 +432,19 @@ class _CallEnd:
 
     A RuntimeError, as Python's own for a coroutine awaited twice (and httpx's
     `StreamConsumed`): the object is of the right type, in a state that cannot serve.
+
+    A call cut before its end (a loop left, the client closed, the event loop it was made
+    in ended) is a failure too, CANCELLED: grpc.aio reported it to the next loop as a bare
+    `asyncio.CancelledError`, which ended the caller's task as though someone had
+    cancelled it, and to the loop after that as no events at all.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, call: grpc.aio.Call, client_life: _ClientLife) -> None:
         self._name = name
+        self._call = call
+        self._client_life = client_life
         self._is_read = False
+        self._is_cancelled = False
         self._failure: grpc.aio.AioRpcError | None = None
 
     def check_unread(self) -> None:
@@ -443,6 +459,22 @@ class _CallEnd:
                 "(keep them as they arrive, or make the call again)"
             )
 
+    def cancel(self) -> None:
+        """Cancel the call for the caller: the loops reading it end, quietly."""
+        self._is_cancelled = True
+        self._call.cancel()
+
+    def leave(self) -> None:
+        """The latest loop's leaving: cancel the call (a no-op once it has ended). Left
+        before its end, the call fails every later loop CANCELLED."""
+        is_cut = self._call.cancel()
+        if is_cut and not self._is_read and self._failure is None:
+            self._failure = _cancelled_call_error(
+                f"this {self._name}'s call was cancelled when a loop over it was left before "
+                "its end (a break, or a first event peeked and dropped before the next loop "
+                "began): make the call again"
+            )
+
     @contextlib.asynccontextmanager
     async def watching(self) -> AsyncIterator[None]:
         """Note the end of the loop it wraps: read to its end, or failed with the call."""
@@ -451,7 +483,25 @@ class _CallEnd:
         except grpc.aio.AioRpcError as exc:
             self._failure = exc
             raise
+        except asyncio.CancelledError:
+            if _is_task_cancelling():
+                raise  # the reader's own cancellation: it stays one
+            if self._is_cancelled:
+                return
+            # gRPC's own cancelled call: out of the loop, it would end the caller's task.
+            self._failure = self._failure or self._cut_call_error()
+            raise self._failure from None
         self._is_read = True
+
+    def _cut_call_error(self) -> grpc.aio.AioRpcError:
+        """The failure of a call gRPC reports cancelled, which neither the caller nor the
+        task reading it cancelled."""
+        if self._client_life.is_closed:
+            return _closed_client_error()
+        return _cancelled_call_error(
+            f"this {self._name}'s call was cancelled before its end (a loop over it was "
+            "left, or the event loop it was made in ended): make the call again"
+        )
 
 
 class _Readers:
@@ -459,7 +509,9 @@ class _Readers:
 
     Only the latest reader's leaving cancels the call: a first event read with
     `anext(aiter(...))` leaves a reader behind, closed whenever it is collected, and its
-    close must not cut the `async for` that took over from it. A loop that would read
+    close must not cut the `async for` that took over from it. Its close comes in the
+    event loop's next turn: a loop begun after that begins on a call it left, and fails
+    CANCELLED (`_CallEnd`), as after a `break`. A loop that would read
     while another waits for the next event (a second task's) is refused on its own: before,
     grpc.aio refused it ("asynchronous generator is already running") and its leaving
     cancelled the call, ending the first loop with a bare `CancelledError`.
@@ -508,7 +560,8 @@ class BatchResults:
     """A batch's events; each `async for` reads them through a generator of its own, so
     that leaving the loop closes it, and cancels the call, even while this object is
     still referenced (an iterator kept in a variable would outlive the loop); only the
-    latest reader's leaving does (`_Readers`).
+    latest reader's leaving does (`_Readers`). A loop begun after one left the call before
+    its end fails CANCELLED.
     """
 
     def __init__(
@@ -518,9 +571,8 @@ class BatchResults:
         client_life: _ClientLife | None = None,
     ) -> None:
         self._call = call
-        self._client_life = client_life or _ClientLife()
         self._readers = _Readers("BatchResults")
-        self._end = _CallEnd("BatchResults")
+        self._end = _CallEnd("BatchResults", call, client_life or _ClientLife())
 
     def __aiter__(self) -> AsyncIterator[pb.CompleteBatchResponse]:
         return self._events(self._readers.new())
@@ -531,13 +583,9 @@ class BatchResults:
             async with self._end.watching():
                 async for event in self._readers.events(self._call, reader):
                     yield event
-        except asyncio.CancelledError:
-            if self._client_life.is_cut_by_close():
-                raise _closed_client_error() from None
-            raise
         finally:
             if self._readers.is_latest(reader):
-                self._call.cancel()  # a no-op once the call has ended
+                self._end.leave()
 
 
 class CompletionStream:
@@ -552,7 +600,8 @@ class CompletionStream:
     Leaving the loop early (break, an exception) cancels the call, and with it the
     upstream request, even while the stream object is still referenced; as with
     `BatchResults`, only the latest loop's leaving does (a first text peeked with
-    `anext(aiter(stream))` before the loop is read on by it).
+    `anext(aiter(stream))` is read on by a loop that follows at once), and a loop begun
+    after one left the call before its end fails CANCELLED.
     """
 
     def __init__(
@@ -564,16 +613,14 @@ class CompletionStream:
     ) -> None:
         self._call = call
         self._on_reasoning = on_reasoning
-        self._client_life = client_life or _ClientLife()
         self.final: pb.CompletionMetadata | None = None
         self._tool_calls: list[pb.ToolCall] = []
         # Each call's argument pieces not yet joined into it: `+=` on a protobuf string
         # copies it whole, so 100,000 pieces took seconds, 400,000 over a minute.
         self._arguments: list[list[str]] = []
         self._reasoning: list[str] = []
-        self._is_cancelled = False
         self._readers = _Readers("CompletionStream")
-        self._end = _CallEnd("CompletionStream")
+        self._end = _CallEnd("CompletionStream", call, client_life or _ClientLife())
 
     @property
     def reasoning(self) -> str:
@@ -599,8 +646,7 @@ class CompletionStream:
     def cancel(self) -> None:
         """Stop the call, and the loop reading it; the gateway closes the upstream request
         at once."""
-        self._is_cancelled = True
-        self._call.cancel()
+        self._end.cancel()
 
     def _gather(self, event: pb.CompleteStreamResponse) -> str:
         """Keep what `event` carries besides text (the final message, reasoning, tool call
@@ -626,22 +672,11 @@ class CompletionStream:
                 async for event in self._readers.events(self._call, reader):
                     if text := self._gather(event):
                         yield text
-        except asyncio.CancelledError:
-            # gRPC reports its own cancelled call as CancelledError: out of the loop, it
-            # would end the caller's task as though someone had cancelled it.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            if self._is_cancelled:
-                return
-            if self._client_life.is_cut_by_close():
-                raise _closed_client_error() from None
-            raise
         finally:
             # Whole at the end, for a list (or a call) of `tool_calls` kept from earlier.
             self._join_arguments()
             if self._readers.is_latest(reader):
-                self._call.cancel()  # a no-op once the call has ended
+                self._end.leave()
 
 
 def _resolved_target(address: str) -> str:
@@ -687,10 +722,12 @@ def _is_loopback_host_port(target: str) -> bool:
 def check_address(address: str) -> None:
     """Refuse a gRPC target gRPC would misread: an empty one, one not UTF-8 text, or a
     `HOST:PORT` (also as `dns:///HOST:PORT`, `dns:HOST:PORT`, `dns://DNS-SERVER/HOST:PORT`,
-    or in an `ipv4:`/`ipv6:` list) whose port is past 65535.
+    or in an `ipv4:`/`ipv6:` list) whose port is not 1..65535 written in digits alone.
 
-    gRPC takes such a port modulo 65536 (`:115587` is `:50051`), and would send the calls,
-    and the caller key with them, to whatever listens there.
+    gRPC takes a port past 65535 modulo 65536 (`:115587` is `:50051`), reads a sign or a
+    leading blank (`:-15485` is `:50051` too, `:+50051` and `: 50051` are `:50051`), and
+    an empty port (`HOST:`, a script's unset variable) as 443: it would send the calls, and
+    the caller key with them, to whatever listens there.
 
     Raises:
         ValueError: the address, and what is wrong with it.
@@ -704,15 +741,36 @@ def check_address(address: str) -> None:
     # Read as gRPC reads it: a port with trailing blanks (`:115587 `) or escaped colons
     # (`%3A115587`) is still that port.
     target = _resolved_target(address)
+    if target[:5].lower() == "unix:" or target[:14].lower() == "unix-abstract:":
+        return  # a socket's path or name, not HOST:PORT
     # `ipv4:`/`ipv6:` name a list of addresses, each with its port: gRPC refuses a port
     # past 65535 there only as each call fails UNKNOWN ("the target uri is not valid").
     for each in _listed_addresses(target):
-        host, sep, port = each.rpartition(":")
-        # A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
-        names_port = bool(sep and host) and "/" not in each
-        names_port = names_port and (host.startswith("[") or ":" not in host)
-        if names_port and port.isascii() and port.isdigit() and int(port) > 65535:
-            raise ValueError(f"{address!r}: the port must be 0..65535")
+        port = _port_of(each)
+        if port is not None and not _is_port_number(port):
+            raise ValueError(f"{address!r}: the port must be 1..65535, in digits alone")
+
+
+def _port_of(target: str) -> str | None:
+    """The port text one `HOST:PORT` or `[V6]:PORT` names, as written (`""` for `HOST:`),
+    or None when it names none: a bare host, a bare IPv6 address (`::1`, whose colons are
+    its own), or a target that is no `HOST:PORT` (a path)."""
+    if "/" in target:
+        return None
+    if target.startswith("["):
+        rest = target.partition("]")[2]
+        return rest[1:] if rest.startswith(":") else None
+    host, sep, port = target.rpartition(":")
+    return port if sep and host and ":" not in host else None
+
+
+def _is_port_number(port: str) -> bool:
+    """Whether `port` is a port number as written in digits alone: 1..65535.
+
+    Not `int(port)`, which takes a sign and blanks (`"+1"`, `" 1"`, `"-1"`) that gRPC
+    reads its own way; `str.isdigit` takes other scripts' digits too (fullwidth `"\\uff15"`).
+    """
+    return port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _is_utf8(text: str) -> bool:
@@ -902,7 +960,9 @@ class GatewayClient:
         A grpc.aio channel serves the loop it was made in only, and failed every call of
         another ("attached to a different loop", "Event loop is closed"): a client made
         outside any loop (a module's global) makes its channel at its first call, and
-        one whose loop has closed (an earlier `asyncio.run`) makes a new one.
+        one whose loop no longer runs (an earlier `asyncio.run`, or a loop's
+        `run_until_complete` that returned, the loop left stopped but not closed) makes a
+        new one.
 
         Raises:
             RuntimeError: no event loop runs, or the channel's loop still runs (in
@@ -916,15 +976,17 @@ class GatewayClient:
         return self._stub
 
     def _open_channel(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Make the client's channel for `loop`, in place of one whose loop has closed."""
+        """Make the client's channel for `loop`, in place of one whose loop no longer runs
+        (closed, or stopped and left unclosed)."""
         if self._life.is_closed:
             raise grpc.aio.UsageError("the GatewayClient is closed")
-        if self._channel_loop is not None and not self._channel_loop.is_closed():
+        if self._channel_loop is not None and self._channel_loop.is_running():
             raise RuntimeError(
                 "this GatewayClient's channel serves another event loop, which still runs "
                 "(in another thread): make a GatewayClient in each event loop"
             )
-        # The channel of a closed loop, if any, is closed as it is collected.
+        # The channel of a loop that no longer runs, if any, is closed as it is collected:
+        # its `await channel.close()` would need that loop running.
         if self._credentials is not None:
             self._channel = grpc.aio.secure_channel(
                 self._address, self._credentials, options=self._options
