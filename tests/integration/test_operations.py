@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import sys
@@ -1299,11 +1300,32 @@ async def test_a_taken_port_is_refused_before_the_local_model_starts(upstream, m
     assert started == []
 
 
+def _ephemeral_ports_start() -> int:
+    """The lowest port the kernel hands out for port 0 and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+_EPHEMERAL_PORTS_START = max(20_000, _ephemeral_ports_start())
+
+
 def _held_port(family: socket.AddressFamily, host: str) -> socket.socket:
-    """A socket listening on `host` at a port free on the other loopback address too."""
+    """A socket listening on `host` at a port free on the other loopback address too.
+
+    The port is below the kernel's ephemeral range: the other address must stay free
+    until the gateway binds it, and a port from that range (port 0's) may meanwhile
+    become another test process's listener or the local end of its connection (a bind
+    of 0.0.0.0 failed "Address already in use" in a full run)."""
     while True:
         holder = socket.socket(family, socket.SOCK_STREAM)
-        holder.bind((host, 0))
+        try:
+            holder.bind((host, random.randrange(10_000, _EPHEMERAL_PORTS_START)))
+        except OSError:
+            holder.close()
+            continue
         port = holder.getsockname()[1]
         other = (socket.AF_INET6, "::1") if family == socket.AF_INET else (socket.AF_INET, "")
         with socket.socket(other[0], socket.SOCK_STREAM) as probe:
