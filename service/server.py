@@ -870,11 +870,17 @@ def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
     return int(server.add_secure_port(config.listen, credentials))
 
 
-def _install_uvloop() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for the gateway: uvloop's when uvloop is installed, else asyncio's.
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    A loop, not a process-wide policy: a program running the gateway in-process keeps
+    its own loops (and asyncio deprecates the policies from Python 3.14).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 async def serve(
@@ -943,16 +949,16 @@ def run(
     worker: int | None = None,
 ) -> None:
     """Blocking entry point for one process (`worker`: its index among `--workers N`)."""
-    _install_uvloop()
     try:
-        asyncio.run(
-            serve(
-                config,
-                on_ready=on_ready,
-                on_stopping=on_stopping,
-                local_model_states=local_model_states,
-                worker=worker,
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(
+                serve(
+                    config,
+                    on_ready=on_ready,
+                    on_stopping=on_stopping,
+                    local_model_states=local_model_states,
+                    worker=worker,
+                )
             )
-        )
     finally:
         early_signals.ignore()

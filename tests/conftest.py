@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -149,21 +150,20 @@ def cache_section(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 @pytest_asyncio.fixture
 async def start_gateway() -> AsyncIterator[Callable[[GatewayConfig], Any]]:
-    """A factory that starts gateways; each is stopped and its channel closed at teardown."""
-    running: list[RunningGateway] = []
+    """A factory that starts gateways; at teardown each channel is closed and each gateway
+    stopped, the last started first, all of them even when one's close fails, and a
+    gateway whose channel could not be made too."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(config: GatewayConfig, **options: Any) -> RunningGateway:
-        server = GatewayServer(config, **options)
-        await server.__aenter__()
-        channel = grpc.aio.insecure_channel(server.address)
-        gateway = RunningGateway(server, channel, pb_grpc.CompletionServiceStub(channel))
-        running.append(gateway)
-        return gateway
+        async def start(config: GatewayConfig, **options: Any) -> RunningGateway:
+            server = GatewayServer(config, **options)
+            await server.__aenter__()  # a failed start closes what it opened itself
+            stack.push_async_callback(server.stop, grace_s=0)
+            channel = grpc.aio.insecure_channel(server.address)
+            stack.push_async_callback(channel.close)
+            return RunningGateway(server, channel, pb_grpc.CompletionServiceStub(channel))
 
-    yield start
-    for gateway in reversed(running):
-        await gateway.channel.close()
-        await gateway.server.stop(grace_s=0)
+        yield start
 
 
 @pytest_asyncio.fixture

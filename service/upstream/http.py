@@ -332,9 +332,17 @@ class _Connection(asyncio.Protocol):
             self.is_paused = False
 
     def close(self) -> None:
+        """Close the connection, dropping what of a request it has not sent yet."""
         self.is_closed = True
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if self.has_sent_all:
             self.transport.close()
+        else:
+            # A close would go on writing the request nobody waits for (a cut call's
+            # prompt, which an upstream reading it whole bills) and hold the socket until
+            # the upstream read it all.
+            self.transport.abort()
 
 
 # Each header name as `Response.headers` keys it, by the bytes llhttp hands over: a

@@ -9,8 +9,10 @@ the prompt's estimate as input and no output. A call cut before its request went
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gatewa
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.integration.helpers import rich_status
 from tests.integration.pki import make_pki
-from tests.integration.test_resilience import dataclass_replace_upstream
+from tests.integration.test_resilience import checked_out_connections, dataclass_replace_upstream
 from tests.integration.test_stream_charges import PRICED_MODELS, recorded
 from tests.integration.test_upstream_http import read_request
 from tests.scripted_upstream import ScriptedUpstream
@@ -242,6 +244,61 @@ async def test_a_stream_asked_again_without_stream_options_and_cut_is_charged_it
 _LONG_PROMPT = '"' * 700_000 + "word " * 278_000
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def slow_reading_upstream(
+    handler: Handler, *, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """An upstream on loopback (over TLS with `tls`) whose kernel takes far less of a
+    request than a long prompt (a small window and segment size), running `handler` per
+    connection; its base URL. On exit its handlers are cancelled and their connections
+    dropped, even one whose handler still waits."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            # At once: a TLS close waits for the gateway's close_notify, which may come
+            # after this test's loop is gone (an unclosed transport).
+            writer.transport.abort()
+
+    async with contextlib.AsyncExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        server = await asyncio.start_server(serve, sock=listener, ssl=tls)
+        stack.push_async_callback(_stop_serving, server, handlers)
+        scheme = "http" if tls is None else "https"
+        yield f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+async def _stop_serving(server: asyncio.Server, handlers: set[asyncio.Task[None]]) -> None:
+    server.close()
+    for task in handlers:
+        task.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    await server.wait_closed()
+
+
+def upstream_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1, whose CA the gateway trusts."""
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))  # the trust store, as OpenSSL reads it
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    return context
+
+
 @pytest.mark.parametrize("reads", [False, True], ids=["unread", "read"])
 async def test_a_call_cut_while_its_prompt_is_written_over_tls_records_only_once_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Any, reads: bool
@@ -253,10 +310,6 @@ async def test_a_call_cut_while_its_prompt_is_written_over_tls_records_only_once
 
     Before, the TLS transport's buffer was asked alone, which leaves out the TCP buffer
     under it that TLS hands its records to: every long prompt counted as sent."""
-    pki = make_pki(tmp_path)
-    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))  # the trust store, as OpenSSL reads it
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki.server_cert, pki.server_key)
     started, read = asyncio.Event(), asyncio.Event()
 
     async def read_then_hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -267,17 +320,10 @@ async def test_a_call_cut_while_its_prompt_is_written_over_tls_records_only_once
             read.set()
         await asyncio.sleep(30)
 
-    listener = socket.socket()
-    # A small window and segment size: the kernel takes far less of the prompt than that.
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    server = await asyncio.start_server(read_then_hang, sock=listener, ssl=context)
-    models = {FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "context_window": 2_000_000}}
-    url = f"https://127.0.0.1:{listener.getsockname()[1]}/v1"
-    gateway = await start_gateway(gateway_config(url, models=models))
-    try:
+    tls = upstream_tls(tmp_path, monkeypatch)
+    async with slow_reading_upstream(read_then_hang, tls=tls) as url:
+        models = {FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "context_window": 2_000_000}}
+        gateway = await start_gateway(gateway_config(url, models=models))
         call = gateway.stub.Complete(chat(_LONG_PROMPT), timeout=_TIMEOUT_S)
         await asyncio.wait_for((read if reads else started).wait(), _TIMEOUT_S)
         call.cancel()
@@ -287,5 +333,51 @@ async def test_a_call_cut_while_its_prompt_is_written_over_tls_records_only_once
             assert (await recorded(gateway, requests=1)).usage.input_tokens > 900_000
         else:
             await nothing_recorded(gateway)
-    finally:
-        server.close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_the_rest_of_a_cut_calls_prompt_never_reaches_the_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_gateway: Any, scheme: str
+) -> None:
+    """A call cut while most of its long prompt still waits in the gateway's buffers (it
+    records nothing): its connection is dropped with them, so the upstream, reading on,
+    never gets the whole request it would bill.
+
+    Before, the connection was closed gracefully: the gateway went on writing the cut
+    call's prompt to the upstream as it read, and held the socket open until then (over
+    TLS past the test's end: an unclosed socket)."""
+    started, cut = asyncio.Event(), asyncio.Event()
+    received: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    async def read_after_the_cut(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readline()  # the request line: the request is being written
+        started.set()
+        await cut.wait()
+        length, body = 0, 0
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while chunk := await reader.read(1 << 16):
+                body += len(chunk)
+        finally:
+            received.set_result((length, body))
+
+    tls = upstream_tls(tmp_path, monkeypatch) if scheme == "https" else None
+    async with slow_reading_upstream(read_after_the_cut, tls=tls) as url:
+        models = {FAKE_MODEL: {**PRICED_MODELS[FAKE_MODEL], "context_window": 2_000_000}}
+        gateway = await start_gateway(gateway_config(url, models=models))
+        call = gateway.stub.Complete(chat(_LONG_PROMPT), timeout=_TIMEOUT_S)
+        await asyncio.wait_for(started.wait(), _TIMEOUT_S)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        async with asyncio.timeout(_TIMEOUT_S):  # the gateway let the call's connection go
+            while checked_out_connections(gateway):
+                await asyncio.sleep(0.01)
+        cut.set()
+        length, body = await asyncio.wait_for(received, _TIMEOUT_S)
+        assert length > 2_000_000
+        assert body < length
+        await nothing_recorded(gateway)

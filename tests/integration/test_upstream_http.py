@@ -714,6 +714,41 @@ async def test_a_request_cut_while_still_being_written_was_not_sent(serve):
     await pool.aclose()
 
 
+async def test_the_rest_of_a_request_cut_while_being_written_never_reaches_the_server(serve):
+    """Cut while most of a long body waits in the gateway's buffer, the connection is
+    dropped with it: the server, reading on, never gets the whole request.
+
+    Before, the connection was closed gracefully, and its transport went on writing the
+    body nobody waited for (holding the socket) until the server had read it all."""
+    started, done = asyncio.Event(), asyncio.Event()
+    cut = asyncio.Event()
+    received: list[int] = []
+
+    async def read_after_the_cut(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        started.set()
+        try:
+            await cut.wait()
+            _, body = await read_request(reader)
+            received.append(len(body))
+        finally:
+            done.set()
+
+    raw = await serve(read_after_the_cut)
+    pool = pool_for(raw)
+    body = b"x" * (64 * 1024 * 1024)  # far past loopback's socket buffers
+    request = asyncio.ensure_future(pool.request("POST", "/x", {}, body))
+    await asyncio.wait_for(started.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    cut.set()
+    await asyncio.wait_for(done.wait(), 5)
+    assert received == []
+    await pool.aclose()
+
+
 async def test_a_refused_connection_is_connect_failed():
     """Nothing listening: ConnectFailed, and the slot is given back."""
     pool = HttpPool("http://127.0.0.1:1/v1", max_connections=1, connect_timeout_s=2.0)
@@ -1605,6 +1640,7 @@ ON_UVLOOP = [
     test_more_body_after_release_at_end_is_bounded_and_closes,
     test_a_request_cut_once_written_whole_was_sent,
     test_a_request_cut_while_still_being_written_was_not_sent,
+    test_the_rest_of_a_request_cut_while_being_written_never_reaches_the_server,
 ]
 
 

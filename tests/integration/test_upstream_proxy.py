@@ -92,10 +92,13 @@ async def test_the_proxy_authorization_goes_to_the_proxy_alone() -> None:
     seen: list[bytes] = []
 
     async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        seen.append(head)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        finally:  # else open until the proxy's reset, which the test's loop may not see
+            writer.close()
 
     server = await asyncio.start_server(recording, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

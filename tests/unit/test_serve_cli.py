@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -1361,3 +1362,57 @@ def test_serve_warns_once_of_a_keys_file_others_may_write(tmp_path: Path) -> Non
     [warning] = [line for line in err.splitlines() if "auth.keys_file_writable" in line]
     assert "WARNING" in warning
     assert f"{tmp_path / 'keys'} (mode 0666) is writable by every user" in warning
+
+
+# `run` in a program of its own: it reports the loop it served on (from inside, as the
+# gateway listens), stops itself, and then reports the process's event loop policy.
+_RUN_IN_PROCESS = """
+import asyncio, json, os, signal, sys
+{setup}
+from service.config import load_config
+from service.server import run
+
+served_on = []
+
+def on_ready(_address):
+    loop = type(asyncio.get_running_loop())
+    served_on.append(f"{{loop.__module__}}.{{loop.__qualname__}}")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+run(load_config(sys.argv[1]), on_ready=on_ready)
+policy = type(asyncio.get_event_loop_policy())
+print(json.dumps({{"loop": served_on, "policy": f"{{policy.__module__}}.{{policy.__qualname__}}"}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("setup", "loop"),
+    [
+        ("", "uvloop.Loop"),
+        (
+            "sys.modules['uvloop'] = None  # not installed",
+            "asyncio.unix_events._UnixSelectorEventLoop",
+        ),
+    ],
+    ids=["uvloop", "without-uvloop"],
+)
+def test_run_serves_on_uvloop_and_leaves_the_processs_loop_policy_alone(
+    tmp_path: Path, setup: str, loop: str
+) -> None:
+    """`run` serves on a uvloop loop (asyncio's own without uvloop), and once it returns
+    the process still has asyncio's default event loop policy.
+
+    Before, `run` set uvloop's policy for the whole process: every loop a program running
+    the gateway in-process made after it was a uvloop loop.
+    """
+    config = tmp_path / "gateway.yaml"
+    config.write_text("server: {listen: '127.0.0.1:0'}\nlocal_model: {enabled: never}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_GATEWAY")}
+    program = _RUN_IN_PROCESS.format(setup=setup)
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(config)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout.splitlines()[-1])
+    assert said == {"loop": [loop], "policy": "asyncio.unix_events._UnixDefaultEventLoopPolicy"}
