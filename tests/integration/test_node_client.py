@@ -28,6 +28,7 @@ import grpc
 import pytest
 
 from gateway_client import GatewayClient
+from gateway_client.client import check_address
 from gateway_client.connection import DEFAULT_MODEL
 from gateway_client.errors import error_details, status_details
 from llmgateway.v1 import gateway_pb2 as pb
@@ -56,6 +57,8 @@ from tests.integration.tenancy_helpers import as_tenant, secure_config
 from tests.integration.test_python_client import LOOPBACK_ADDRESSES
 from tests.integration.test_resilience import checked_out_connections
 from tests.secret_capture import CALLER_KEY_A
+from tests.unit.test_client_address import BAD_PORTS, GOOD_PORTS
+from tests.unit.test_client_address import FORMS as PYTHON_ADDRESS_FORMS
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "clients" / "node"
@@ -322,6 +325,71 @@ async def test_node_client_tells_loopback_addresses_apart_as_the_python_client(
     assert told == dict(LOOPBACK_ADDRESSES)
 
 
+# Forms of the gateway's address both clients read a port from. Not the Python client's
+# `dns:///HOST%3APORT`: grpc-js reads no escapes, and looks `HOST%3APORT` up as a host.
+ADDRESS_FORMS = [form for form in PYTHON_ADDRESS_FORMS if "%3A" not in form]
+
+
+def node_refusal(address: str) -> str:
+    """What the Node client's `checkAddress` says of an address the Python client refuses."""
+    quoted = json.dumps(address, ensure_ascii=False)  # as JSON.stringify quotes it
+    return f"RangeError: {quoted}: the port must be 1..65535, in digits alone"
+
+
+def python_refusal(address: str) -> str | None:
+    """The Python client's refusal of `address` in the Node client's words, or None."""
+    try:
+        check_address(address)
+    except ValueError:
+        return node_refusal(address)
+    return None
+
+
+async def test_node_client_refuses_each_port_the_python_client_refuses(
+    node_scenarios: NodeScenarios,
+) -> None:
+    """A port with a sign or a leading blank, an empty one, 0, one in other scripts'
+    digits, and one past 65535 are refused by both clients, in each form of address, with
+    the same words. Before, the Node client refused only ports past 65535 ("0..65535"),
+    and grpc-js failed each call of the others UNAVAILABLE after retries, or at its deadline."""
+    addresses = [
+        *(form.format(port=port) for form in ADDRESS_FORMS for port in BAD_PORTS),
+        "localhost:115587 ",  # read without its trailing blank: still past 65535
+        "ipv4:127.0.0.1:50051 ,127.0.0.1:50052",  # a blank within a list is no trailing one
+    ]
+    told = await run_node(node_scenarios, "check-address", *addresses)
+    assert told == {address: node_refusal(address) for address in addresses}
+    assert told == {address: python_refusal(address) for address in addresses}
+
+
+async def test_node_client_takes_each_address_the_python_client_takes(
+    node_scenarios: NodeScenarios,
+) -> None:
+    """A port 1..65535 in digits (leading zeros too), a bare host or IPv6 address, a
+    socket's path or name, and a port followed by blanks gRPC leaves out are taken by both
+    clients."""
+    addresses = [
+        *(form.format(port=port) for form in ADDRESS_FORMS for port in GOOD_PORTS),
+        "localhost",
+        "gw.example",
+        "::1",
+        "[::1]",
+        "dns:///gw.example",
+        "dns:///h:1",
+        "localhost:50051 ",
+        "localhost:50051\t\r\n",
+        "ipv4:127.0.0.1:50051,127.0.0.1:50052 ",
+        "unix:/tmp/x",
+        "unix:gw.sock",
+        "UNIX:/tmp/x",
+        "unix-abstract:gw",
+        "vsock:3:50051",
+    ]
+    told = await run_node(node_scenarios, "check-address", *addresses)
+    assert told == dict.fromkeys(addresses)
+    assert told == {address: python_refusal(address) for address in addresses}
+
+
 @pytest.mark.parametrize(
     "form",
     [
@@ -334,18 +402,40 @@ async def test_node_client_tells_loopback_addresses_apart_as_the_python_client(
         "ipv6:[::1]:{good_port},[::1]:{port}",
     ],
 )
-async def test_node_client_refuses_a_port_past_65535_when_made(
+async def test_node_client_refuses_a_port_not_1_to_65535_in_digits_when_made(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway, form: str
 ) -> None:
-    """An address whose port is past 65535 throws a RangeError when the client is made,
-    saying so as the Python client's ValueError does. Before, grpc-js connected nowhere
-    and each call waited out its whole deadline, then failed DEADLINE_EXCEEDED."""
+    """An address whose port is past 65535, signed, after a blank, empty or 0 throws a
+    RangeError when the client is made, saying so as the Python client's ValueError does.
+    Before, grpc-js connected nowhere: each call was retried until it failed UNAVAILABLE
+    ("Failed to parse DNS address") or waited out its whole deadline."""
     host, _, port = gateway.server.address.rpartition(":")
-    wrapped = form.format(host=host, port=int(port) + 65536, good_port=port)
-    result = await run_node(
-        node_scenarios, "without-timeout", "--address", wrapped, "--default-timeout-ms", "1000"
-    )
-    assert result == {"refused": f"{json.dumps(wrapped)}: the port must be 0..65535"}
+    for bad_port in [
+        str(int(port) + 65536),
+        f"+{port}",
+        f"-{65536 - int(port)}",
+        f" {port}",
+        "",
+        "0",
+    ]:
+        wrapped = form.format(host=host, port=bad_port, good_port=port)
+        result = await run_node(
+            node_scenarios, "without-timeout", "--address", wrapped, "--default-timeout-ms", "1000"
+        )
+        said = f"{json.dumps(wrapped)}: the port must be 1..65535, in digits alone"
+        assert result == {"refused": said}
+
+
+@pytest.mark.parametrize("form", ["{address}", "ipv4:{address}", "dns:///{address}"])
+async def test_node_client_calls_an_address_with_trailing_blanks_without_them(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway, form: str
+) -> None:
+    """Blanks after the port are left out, as the Python client's gRPC leaves them out,
+    and the call reaches the gateway. Before, grpc-js took them into the port, and each
+    call failed UNAVAILABLE ("Failed to parse DNS address") after retries."""
+    address = form.format(address=gateway.server.address) + " \t\n"
+    result = await run_node(node_scenarios, "complete", "--address", address)
+    assert result.get("content") == "Hello from fake", result  # the error, if any, said
 
 
 async def test_node_client_takes_an_answer_over_grpcs_default_message_limit(
@@ -855,7 +945,10 @@ async def test_node_example_names_the_address_variable_whose_value_it_refuses(
     example = node_scenarios.example
     env = {"LLM_GATEWAY_ADDRESS": "127.0.0.1:70000"}
     returncode, stdout, stderr = await run_process(example, "Say hi", env=env)
-    said = 'environment variable LLM_GATEWAY_ADDRESS: "127.0.0.1:70000": the port must be 0..65535'
+    said = (
+        'environment variable LLM_GATEWAY_ADDRESS: "127.0.0.1:70000": '
+        "the port must be 1..65535, in digits alone"
+    )
     assert (returncode, stdout, stderr) == (2, "", f"example: {said}\n")
 
 

@@ -32,6 +32,9 @@ BAD_PORTS = [
     "https",
 ]
 
+# Ports in digits alone, 1..65535: leading zeros are still digits.
+GOOD_PORTS = ["1", "50051", "65535", "050051"]
+
 # Every form of target whose port the check reads.
 FORMS = [
     "localhost:{port}",
@@ -59,7 +62,7 @@ def test_a_port_not_1_to_65535_in_digits_alone_is_refused(form: str, port: str) 
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("port", ["1", "50051", "65535", "050051"])
+@pytest.mark.parametrize("port", GOOD_PORTS)
 def test_a_port_1_to_65535_in_digits_is_taken(form: str, port: str) -> None:
     """Leading zeros are still digits: `050051` is port 50051, as gRPC reads it."""
     check_address(form.format(port=port))

@@ -852,23 +852,70 @@ function listedAddresses(given: string): string[] {
 }
 
 /**
- * Refuse a gRPC target whose port is past 65535 (`HOST:PORT`, `[V6]:PORT`, behind any
- * scheme `targetOf` reads, or in an `ipv4:`/`ipv6:` list), as the Python client does:
- * grpc-js connects nowhere, and each call waited out its whole deadline (gRPC in Python
- * takes the port modulo 65536).
+ * `address` without the blanks gRPC leaves out at its end (ASCII spaces, tabs, line
+ * breaks: C's isspace, as the Python client's gRPC reads it), which grpc-js took into the
+ * port and failed each call UNAVAILABLE, "Failed to parse DNS address".
+ */
+function withoutTrailingBlanks(address: string): string {
+  return address.replace(/[ \t\n\r\v\f]+$/, "");
+}
+
+/** `address` as the Python client's gRPC reads it, written for grpc-js. */
+function grpcJsTargetOf(address: string): string {
+  return withLowerCaseScheme(withoutTrailingBlanks(address));
+}
+
+/**
+ * Refuse a gRPC target whose port is not 1..65535 written in ASCII digits alone
+ * (`HOST:PORT`, `[V6]:PORT`, behind any scheme `targetOf` reads, or in an `ipv4:`/`ipv6:`
+ * list), with the Python client's words: a sign (`HOST:+50051`, `HOST:-1`), a leading
+ * blank, an empty port (`HOST:`, a script's unset variable), 0, other scripts' digits, or
+ * a port past 65535. The Python client's gRPC reads most of them as another port
+ * (`-15485` as 50051, `HOST:` as 443); grpc-js connects nowhere, and each call was
+ * retried until it failed UNAVAILABLE or its deadline passed. A bare host, a bare IPv6
+ * address and `unix:`/`unix-abstract:` targets name no port: nothing to refuse.
  */
 export function checkAddress(address: string): void {
-  // `ipv4:`/`ipv6:` name a list of addresses, each with its port: one past 65535 among
+  const target = grpcJsTargetOf(address);
+  if (/^unix(-abstract)?:/i.test(target)) {
+    return; // a socket's path or name, not HOST:PORT
+  }
+  // `ipv4:`/`ipv6:` name a list of addresses, each with its port: one bad port among
   // them left each call hanging past its deadline.
-  for (const each of listedAddresses(address)) {
-    // A bare IPv6 address (`::1`) has colons of its own: only `[V6]:PORT` names a port.
-    const port = each.startsWith("[")
-      ? /^\[[^\]]*\]:(\d+)$/.exec(each)?.[1]
-      : /^[^:]*:(\d+)$/.exec(each)?.[1];
-    if (port !== undefined && Number(port) > 65535) {
-      throw new RangeError(`${JSON.stringify(address)}: the port must be 0..65535`);
+  for (const each of listedAddresses(target)) {
+    const port = portOf(each);
+    if (port !== undefined && !isPortNumber(port)) {
+      throw new RangeError(
+        `${JSON.stringify(address)}: the port must be 1..65535, in digits alone`,
+      );
     }
   }
+}
+
+/**
+ * The port text one `HOST:PORT` or `[V6]:PORT` names, as written (`""` for `HOST:`), or
+ * undefined when it names none: a bare host, a bare IPv6 address (`::1`, whose colons are
+ * its own), or a target that is no `HOST:PORT` (a path).
+ */
+function portOf(target: string): string | undefined {
+  if (target.includes("/")) {
+    return undefined;
+  }
+  if (target.startsWith("[")) {
+    const close = target.indexOf("]");
+    return close !== -1 && target[close + 1] === ":" ? target.slice(close + 2) : undefined;
+  }
+  const colon = target.lastIndexOf(":");
+  const host = target.slice(0, colon);
+  return colon > 0 && !host.includes(":") ? target.slice(colon + 1) : undefined;
+}
+
+/**
+ * Whether `port` is a port number written in ASCII digits alone: 1..65535. Not
+ * `Number(port)`, which takes a sign, blanks and `0x10`.
+ */
+function isPortNumber(port: string): boolean {
+  return /^[0-9]+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535;
 }
 
 /**
@@ -949,8 +996,8 @@ export class GatewayClient {
       );
     }
     checkOptionNames(options, CLIENT_OPTIONS, "GatewayClientOptions", "options");
-    const address = withLowerCaseScheme(given);
-    checkAddress(address);
+    checkAddress(given);
+    const address = grpcJsTargetOf(given);
     checkApiKey(options.apiKey);
     const serviceConfigJson =
       options.serviceConfigJson ?? fs.readFileSync(defaultServiceConfigPath(), "utf8");

@@ -35,6 +35,7 @@ import {
   StreamEvent,
   TlsOptions,
   UsageRow,
+  checkAddress,
   decodeStatusDetails,
   finishReasonToJSON,
   isLoopbackAddress,
@@ -1124,6 +1125,11 @@ async function answerOf(argv: string[], channelOptions?: grpc.ChannelOptions): P
     const told = argv.slice(1).map((address) => [address, isLoopbackAddress(address)]);
     return Object.fromEntries(told);
   }
+  if (argv[0] === "check-address") {
+    // Each address given: what `checkAddress` refused it with, or null where it took it.
+    const told = argv.slice(1).map((address) => [address, refusalOf(() => checkAddress(address))]);
+    return Object.fromEntries(told);
+  }
   const args = parseArgs(argv);
   if (args.scenario === "decode") {
     return await decode(args);
@@ -1149,6 +1155,16 @@ async function answerOf(argv: string[], channelOptions?: grpc.ChannelOptions): P
   } finally {
     client.close();
   }
+}
+
+/** What `check` threw, as its class name and message, or null where it threw nothing. */
+function refusalOf(check: () => void): string | null {
+  try {
+    check();
+  } catch (error) {
+    return `${(error as Error).name}: ${(error as Error).message}`;
+  }
+  return null;
 }
 
 /** Print `line` as one line of JSON; resolves once stdout has taken it. */
