@@ -759,20 +759,12 @@ class UpstreamClient:
         call: UpstreamCall,
         on_sent: Callable[[], None] | None,
         on_status: Callable[[int], None] | None,
-        deadline: float | None = None,
     ) -> Response:
-        """Send the call; the response once its status and headers are in. `deadline`
-        (loop time) bounds the exchange up to the response's release, its body's read
-        included (`HttpPool.request`)."""
+        """Send the call; the response once its status and headers are in."""
         # The client's own headers are the pool's: it sends them first.
         # The `pool` property only when there is none, for its error: a frame every call.
         response = await (self._pool or self.pool).request(
-            "POST",
-            "/chat/completions",
-            call.headers,
-            call.body,
-            on_sent=on_sent,
-            deadline=deadline,
+            "POST", "/chat/completions", call.headers, call.body, on_sent=on_sent
         )
         if on_status is not None:
             on_status(response.status)
@@ -942,7 +934,17 @@ class UpstreamClient:
                 deadline = asyncio.get_running_loop().time() + (
                     whole_s if whole_s > 0.001 else 0.001
                 )
-                response = await self._post(call, on_sent, on_status, deadline)
+                # `_post` written out: a coroutine's frame, and its resumption, every call.
+                response = await (self._pool or self.pool).request(
+                    "POST",
+                    "/chat/completions",
+                    call.headers,
+                    call.body,
+                    on_sent=on_sent,
+                    deadline=deadline,
+                )
+                if on_status is not None:
+                    on_status(response.status)
                 try:
                     # `_read_answer` written out: a coroutine's frame on every call.
                     body = await response.read(max_bytes=_MAX_ANSWER_SIZE)
