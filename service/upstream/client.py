@@ -926,21 +926,34 @@ class UpstreamClient:
         # `with self._translated_errors` written out: its two frames on every unary call.
         try:
             try:
-                # `_deadline` written out, from now as `asyncio.timeout` reads the loop's
-                # time: its `min`, `max` and frame on every unary call.
+                # `_deadline` written out: its `min`, `max` and frame on every unary call.
+                # The pool's timer bounds the exchange (`ExchangeTimeout`, a TimeoutError)
+                # up to the release, where an `asyncio.timeout` around it cost a dozen calls.
                 limit_s = self.config.timeout_s
                 whole_s = timeout_s if timeout_s < limit_s else limit_s
-                async with asyncio.timeout(whole_s if whole_s > 0.001 else 0.001):
-                    response = await self._post(call, on_sent, on_status)
-                    try:
-                        # `_read_answer` written out: a coroutine's frame on every call.
-                        body = await response.read(max_bytes=_MAX_ANSWER_SIZE)
-                    except UndecodableBody:
-                        if response.status < 300:
-                            raise
-                        body = b""  # a refusal's: its status says what happened
-                    finally:
-                        response.release()
+                deadline = asyncio.get_running_loop().time() + (
+                    whole_s if whole_s > 0.001 else 0.001
+                )
+                # `_post` written out: a coroutine's frame, and its resumption, every call.
+                response = await (self._pool or self.pool).request(
+                    "POST",
+                    "/chat/completions",
+                    call.headers,
+                    call.body,
+                    on_sent=on_sent,
+                    deadline=deadline,
+                )
+                if on_status is not None:
+                    on_status(response.status)
+                try:
+                    # `_read_answer` written out: a coroutine's frame on every call.
+                    body = await response.read(max_bytes=_MAX_ANSWER_SIZE)
+                except UndecodableBody:
+                    if response.status < 300:
+                        raise
+                    body = b""  # a refusal's: its status says what happened
+                finally:
+                    response.release()
             except TimeoutError as exc:
                 if response is None or response.status < 300:
                     raise

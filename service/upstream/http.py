@@ -15,10 +15,11 @@ deflate when a server compresses though asked not to, as a content or a transfer
 TLS (https), a connect timeout, and an HTTP forward proxy: an http upstream's requests
 go to it in absolute form (`POST http://host/v1/... HTTP/1.1`), an https one's through a
 CONNECT tunnel, opened with each new connection (`_tunnel`). The caller bounds the
-whole exchange (its deadline). Addresses are tried in turn, without Happy Eyeballs:
-uvloop's `create_connection` does not take `happy_eyeballs_delay`, so when a host's
-first address silently drops packets the connect fails after
-`upstreams[].connect_timeout_s`, all addresses counted.
+whole exchange: with its own timeout around it, or by the deadline it hands `request`,
+which bounds the body's read too (`ExchangeTimeout`). Addresses are tried in turn,
+without Happy Eyeballs: uvloop's `create_connection` does not take
+`happy_eyeballs_delay`, so when a host's first address silently drops packets the
+connect fails after `upstreams[].connect_timeout_s`, all addresses counted.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import httptools
@@ -41,6 +42,8 @@ from service.upstream.headers import retry_after_s
 
 if TYPE_CHECKING:
     from service.upstream.proxy import Proxy
+
+_T = TypeVar("_T")
 
 # A body the consumer has not read yet beyond this pauses reading from the socket.
 _HIGH_WATER_BYTES = 256 * 1024
@@ -71,6 +74,17 @@ _IDLE_CLOSE_RACE_S = 1.0
 
 class HttpError(Exception):
     """The exchange failed below HTTP semantics: connect, reset, malformed, cut short."""
+
+
+class ExchangeTimeout(TimeoutError):
+    """The exchange was not over by the deadline `HttpPool.request` was given: no
+    connection in time, or the answer's head or the rest of its body did not come.
+
+    Once the deadline's timer has run, the exchange ends so whatever else that loop turn
+    brought (the answer, its connection's failure), as the cancel of an `asyncio.timeout`
+    overrides the wake-up it lands on: the same exchange times out on either loop, in
+    whichever order it runs the turn's timers and reads.
+    """
 
 
 class _FramedApart(Exception):
@@ -572,6 +586,10 @@ class Response:
         self._unparsed_bytes = 0
         self.received_bytes = 0
         self._end_timer: asyncio.TimerHandle | None = None  # set while waiting for the end
+        # The deadline's timer (`HttpPool.request`'s `deadline`), cancelled on release, and
+        # the error it ended the exchange with.
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self.timed_out: ExchangeTimeout | None = None
         self.sent_at = 0.0  # perf_counter when the request was written
         self._answered_at: float | None = None  # and when the answer's end was read
         # The bytes received until the final head is parsed (None from then on), and why
@@ -719,6 +737,18 @@ class Response:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
+    def _time_out(self) -> None:
+        """The deadline passed: the exchange ends with `ExchangeTimeout`, what it waits for
+        failed or woken (it then reads `timed_out`). The connection is left to `release`,
+        which the caller's exit calls: it closes one whose answer is not whole."""
+        self._deadline_timer = None
+        error = self.timed_out = ExchangeTimeout(
+            "the upstream's answer did not come by the deadline"
+        )
+        if not self._head_ready.done():
+            self._head_ready.set_exception(error)
+        self._wake()
+
     # what the client calls -------------------------------------------------------------
 
     async def next_chunk(self) -> bytes | None:
@@ -744,6 +774,8 @@ class Response:
                 # other calls, and every timer, run first. A stream of 1 MB decoding to a GiB
                 # of blank lines would otherwise hold the event loop for seconds.
                 await asyncio.sleep(0)
+                if self.timed_out is not None:
+                    raise self.timed_out
                 data = decoder.decode(b"")
             else:
                 while not self._chunks:
@@ -768,6 +800,8 @@ class Response:
             await self._wakeup
         finally:
             self._wakeup = None
+        if self.timed_out is not None:  # whatever else woke it in the same turn
+            raise self.timed_out
         return True
 
     def _take_chunks(self) -> bytes:
@@ -822,6 +856,9 @@ class Response:
         if self._is_released:
             return
         self._is_released = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         if self._end_timer is not None:
             self._end_timer.cancel()
         reusable = self._is_complete and self._keep_alive and self._error is None
@@ -935,6 +972,7 @@ class HttpPool:
         body: bytes = b"",
         *,
         on_sent: Callable[[], None] | None = None,
+        deadline: float | None = None,
     ) -> Response:
         """Send one request and return once the response's status and headers are in.
 
@@ -943,9 +981,14 @@ class HttpPool:
         every byte of the request was written to the socket. A request cut while waiting
         for a connection, or still in the transport's buffer, is not sent.
 
+        `deadline` (the running loop's time, `loop.time()`) bounds the whole exchange, the
+        read of the response's body included, up to its `release`: one timer, where an
+        `asyncio.timeout` around the exchange costs each request a dozen Python calls.
+
         Raises:
             ConnectFailed: no connection could be made.
             HttpError: the connection failed or the answer was not HTTP.
+            ExchangeTimeout: the deadline passed (then, too, from the body's read).
         """
         checked = self._header_lines
         if checked is None or (headers and not self._header_names.isdisjoint(headers)):
@@ -969,14 +1012,14 @@ class HttpPool:
                 if slots._free > 0:  # `try_take` written out: a slot is free on most calls
                     slots._free -= 1
                 else:
-                    await slots.take()
+                    await _by(deadline, slots.take())
             except asyncio.CancelledError as cancel:
                 vars(cancel)["wrote_nothing"] = may_reuse  # else written on a closed one
                 raise
             try:
-                connection = self._idle_connection() if may_reuse else None
-                is_reused = connection is not None
-                connection = connection or await self._connect()
+                idle = self._idle_connection() if may_reuse else None
+                is_reused = idle is not None
+                connection = idle or await self._connect_by(deadline)
             except BaseException as exc:
                 self._slots.give()
                 if isinstance(exc, asyncio.CancelledError):
@@ -984,22 +1027,33 @@ class HttpPool:
                 raise
             self._busy.add(connection)
             response = Response(self, connection)
+            if deadline is not None:
+                response._deadline_timer = connection.loop.call_at(deadline, response._time_out)
             try:
                 connection.send(head, body, response)
                 response.sent_at = time.perf_counter()
                 await response._head_ready  # the future itself: no coroutine around it
-            except HttpError:
-                response.release()
-                if is_reused and response.is_unanswered and response.waited_s < _IDLE_CLOSE_RACE_S:
-                    # The server closed the idle connection as the request went out (its
-                    # keep-alive timeout): it never answered, so send it on a new one.
-                    may_reuse = False
-                    continue
-                raise
-            except BaseException:
+                if response.timed_out is not None:  # the head came in the deadline's turn
+                    raise response.timed_out
+            except BaseException as exc:
+                timed_out = response.timed_out
+                if isinstance(exc, HttpError) and timed_out is None:
+                    response.release()
+                    if (
+                        is_reused
+                        and response.is_unanswered
+                        and response.waited_s < _IDLE_CLOSE_RACE_S
+                    ):
+                        # The server closed the idle connection as the request went out
+                        # (its keep-alive timeout): it never answered, so send it on a new one.
+                        may_reuse = False
+                        continue
+                    raise
                 if on_sent is not None and connection.has_sent_all:  # before release closes it
                     on_sent()
                 response.release()
+                if timed_out is not None and isinstance(exc, HttpError):
+                    raise timed_out from exc  # it failed in the deadline's turn: a timeout
                 raise
             if (
                 response.status >= 400
@@ -1035,6 +1089,10 @@ class HttpPool:
                 return connection
             connection.close()
         return None
+
+    async def _connect_by(self, deadline: float | None) -> _Connection:
+        """A new connection, made by `deadline` (loop time) when there is one."""
+        return await _by(deadline, self._connect())
 
     async def _connect(self) -> _Connection:
         if self._forwards_to is not None:
@@ -1187,6 +1245,22 @@ class HttpPool:
             connection.close()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports' close callbacks run
+
+
+async def _by(deadline: float | None, step: Awaitable[_T]) -> _T:
+    """`step` (a wait for a free connection, or the making of one) awaited by `deadline`
+    (loop time), when there is one: the exchange's own timer is armed only once it has a
+    connection. Its end is an `ExchangeTimeout`; a timeout of the step's own (connecting,
+    a proxy's) stays as it is."""
+    if deadline is None:
+        return await step
+    try:
+        async with asyncio.timeout_at(deadline) as bound:
+            return await step
+    except TimeoutError as exc:
+        if bound.expired():
+            raise ExchangeTimeout("no connection was free or made by the deadline") from exc
+        raise
 
 
 def _is_proxys_own(response: Response) -> bool:
