@@ -774,6 +774,35 @@ async def test_node_example_program_completes_and_streams(
     assert len(upstream.requests) == 2
 
 
+async def test_node_example_bounds_each_answer_with_max_tokens(
+    node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
+) -> None:
+    """`--max-tokens N` reaches the upstream as both calls' `max_tokens`, as the Python
+    CLI's does; left out, none is sent. A value that is no integer or outside
+    1..2147483647 is a bad option, exit 2 before any call, in the Python CLI's words.
+    Before, it was an unknown option, and the README's command against the quick start's
+    local model ran each call until the model's window was full (about 45 s each)."""
+    example = node_scenarios.example
+    args = ("--address", gateway.server.address, "--model", "fake-model")
+    await run_program(example, *args, "--max-tokens", "40", "Say hi")
+    await run_program(example, *args, "--max-tokens=7", "Say hi")
+    await run_program(example, *args, "Say hi")
+    assert [request.body.get("max_tokens") for request in upstream.requests] == [
+        *(40, 40),
+        *(7, 7),
+        *(None, None),
+    ]
+    for bad, said in [
+        ("0", "0 is outside 1..2147483647"),
+        ("2147483648", "2147483648 is outside 1..2147483647"),
+        ("1.5", "'1.5' is not an integer"),
+        ("x", "'x' is not an integer"),
+    ]:
+        returncode, stdout, stderr = await run_process(example, *args, "--max-tokens", bad, "hi")
+        assert (returncode, stdout, stderr) == (2, "", f"example: --max-tokens: {said}\n")
+    assert len(upstream.requests) == 6
+
+
 async def test_node_example_whose_reader_left_exits_as_sigpipe_ends_a_program(
     node_scenarios: NodeScenarios, upstream: FakeUpstream, gateway: RunningGateway
 ) -> None:

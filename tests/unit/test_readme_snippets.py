@@ -30,6 +30,10 @@ CONFIG_BLOCKS = [
     for _, body in re.findall(r"^([ \t]*)```yaml\n(.*?)^\1```", README, re.S | re.M)
     if isinstance(data := yaml.safe_load(textwrap.dedent(body)), dict) and set(data) <= _SECTIONS
 ]
+# The Node example program's command lines (a line continued with `\` included).
+NODE_EXAMPLE_COMMANDS = re.findall(
+    r"^node dist/clients/node/src/example\.js .*(?:\n  .*)*", README, re.M
+)
 
 
 def test_readme_has_python_examples() -> None:
@@ -73,11 +77,25 @@ def test_the_node_examples_tls_files_are_the_worked_examples() -> None:
     """The Node example runs in clients/node (after `cd clients/node`), so its PEM paths,
     read from there, name the worked TLS example's files in pki/ at the repository's root.
     They said `pki/ca.pem`, which the example could not open (ENOENT) from clients/node."""
-    lines = re.findall(r"^node dist/clients/node/src/example\.js .*(?:\n  .*)*", README, re.M)
-    paths = [path for line in lines for path in re.findall(r"--(?:ca|cert|key)-file (\S+)", line)]
+    paths = [
+        path
+        for line in NODE_EXAMPLE_COMMANDS
+        for path in re.findall(r"--(?:ca|cert|key)-file (\S+)", line)
+    ]
     assert paths
     for path in paths:
         assert (ROOT / "clients" / "node" / path).resolve().parent == ROOT / "pki", path
+
+
+def test_the_node_example_against_the_quick_start_gateway_bounds_its_answers() -> None:
+    """The Node example's command against the quick start's gateway (127.0.0.1:50051,
+    the local model by default) passes `--max-tokens`, as the quick start's `complete`
+    does. Without it the local model answered each of the example's two calls until its
+    2048-token window was full, about 45 s each on 2 cores."""
+    quick_start = [line for line in NODE_EXAMPLE_COMMANDS if "127.0.0.1:50051" in line]
+    assert quick_start
+    for line in quick_start:
+        assert re.search(r"--max-tokens[ =][1-9]\d*\b", line), line
 
 
 def test_python_examples_await_every_unary_stub_call() -> None:

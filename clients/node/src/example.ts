@@ -2,7 +2,7 @@
  * Example: call the gateway from Node.js.
  *
  *   node clients/node/dist/clients/node/src/example.js [--address HOST:PORT] [--model NAME]
- *     [--api-key KEY] [--timeout SECONDS] [--tls] [--ca-file PEM]
+ *     [--max-tokens N] [--api-key KEY] [--timeout SECONDS] [--tls] [--ca-file PEM]
  *     [--cert-file PEM --key-file PEM] [PROMPT]
  *
  * Runs one unary Complete, then the same prompt as a CompleteStream printing deltas as
@@ -10,6 +10,8 @@
  * `google.rpc.Status` details (field violations, retry delay, quota violations).
  *
  * `--model` defaults, as in the Python CLI, to gemma-3-270m (the quick start's local model).
+ * `--max-tokens N` bounds each answer, as the Python CLI's (1..2147483647); left out, the
+ * upstream decides, and the local model rarely stops before its 2048-token window is full.
  * `--address` defaults, as in the Python CLI, to $LLM_GATEWAY_ADDRESS, else 127.0.0.1:50051
  * (an invalid value of the variable is a bad option naming it, as in the Python CLI);
  * `--api-key` (a gateway with `auth.mode: keys`) to $LLM_GATEWAY_API_KEY (a key gRPC
@@ -44,6 +46,7 @@ interface Args {
   address: string;
   apiKey: string | undefined;
   model: string;
+  maxTokens: number | undefined;
   prompt: string;
   timeoutMs: number;
   tls: TlsOptions | undefined;
@@ -60,6 +63,7 @@ const TAKES_A_VALUE = [
   "--address",
   "--api-key",
   "--model",
+  "--max-tokens",
   "--timeout",
   "--ca-file",
   "--cert-file",
@@ -68,6 +72,10 @@ const TAKES_A_VALUE = [
 /** A number as Python's float() reads one (not Number's "0x10", "" or "1e"). */
 const DECIMAL = /^\s*[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?\s*$/i;
 const MAX_TIMEOUT_S = MAX_TIMEOUT_MS / 1000;
+/** An integer as Python's int() reads one (not Number's "0x10", "1e3" or ""). */
+const INTEGER = /^\s*[+-]?\d+\s*$/;
+/** `params.max_tokens` is an int32, and 0 would ask for no answer: the Python CLI's bounds. */
+const MAX_TOKENS_RANGE = [1, 2 ** 31 - 1] as const;
 
 /**
  * `--timeout SECONDS` as milliseconds; left out, the Python CLI's default, 300 s (the
@@ -86,6 +94,27 @@ function timeoutMsOf(value: string | undefined): number {
     throw new Error(`--timeout: ${value.trim()} is not above 0 and at most 1e+06`);
   }
   return seconds * 1000;
+}
+
+/**
+ * `--max-tokens N`, each answer's bound; left out, none (the upstream decides). A value
+ * that is no integer or outside 1..2147483647 is a bad option before any call, in the
+ * Python CLI's words. Without it, the quick start's local model answered each of the two
+ * calls until its window was full: 2,000 tokens, about 45 s each on 2 cores.
+ */
+function maxTokensOf(value: string | undefined): number | undefined {
+  if (value === undefined) {
+    return undefined;
+  }
+  if (!INTEGER.test(value)) {
+    throw new Error(`--max-tokens: '${value}' is not an integer`);
+  }
+  const count = Number(value);
+  const [low, high] = MAX_TOKENS_RANGE;
+  if (!(count >= low && count <= high)) {
+    throw new Error(`--max-tokens: ${value.trim()} is outside ${low}..${high}`);
+  }
+  return count;
 }
 
 /**
@@ -191,6 +220,7 @@ function parseArgs(argv: string[], env: NodeJS.ProcessEnv): Args {
     address: addressOf(flags, env),
     apiKey: apiKeyOf(flags, env),
     model: flags.get("--model") ?? DEFAULT_MODEL,
+    maxTokens: maxTokensOf(flags.get("--max-tokens")),
     prompt: rest.length > 0 ? rest.join(" ") : "Say hi",
     timeoutMs: timeoutMsOf(flags.get("--timeout")),
     tls: tlsOf(flags, env),
@@ -301,16 +331,17 @@ async function main(): Promise<void> {
   const { args, client } = started;
   stopOnCtrlC(client);
   const messages = [{ role: Role.ROLE_USER, content: args.prompt }];
+  const params = args.maxTokens === undefined ? undefined : { maxTokens: args.maxTokens };
   try {
     const { response } = await client.complete(
-      { model: args.model, messages },
+      { model: args.model, messages, params },
       { timeoutMs: args.timeoutMs },
     );
     console.log(`complete: ${response.content}`);
 
     process.stdout.write("stream:   ");
     for await (const event of client.completeStream(
-      { model: args.model, messages },
+      { model: args.model, messages, params },
       { timeoutMs: args.timeoutMs },
     )) {
       if (event.kind === "delta") {
