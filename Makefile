@@ -9,7 +9,7 @@ CONFIG ?= $(or $(LLM_GATEWAY_CONFIG),config/gateway.yaml)
 STAMP := $(VENV)/.setup-stamp
 # The suite mostly waits on sockets and subprocesses: test processes side by side (xdist),
 # the local model's tests in one of them (they share one llama.cpp server). Three on the
-# 2-core machine: about 460 s (two took 620 s for fewer tests), the CPUs still not full.
+# 2-core machine: about 470 s for 6,600 tests (two took 620 s for fewer), the CPUs still not full.
 # `TEST_WORKERS=0` runs it in this process.
 TEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
