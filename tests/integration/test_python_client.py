@@ -409,6 +409,51 @@ async def test_a_stream_or_batch_left_early_then_looped_over_again_fails_cancell
     assert unhandled == []
 
 
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+async def test_a_loop_cut_by_its_tasks_cancellation_then_looped_over_again_fails_cancelled(
+    upstream: FakeUpstream, gateway: RunningGateway, kind: str
+) -> None:
+    """A loop whose task is cancelled as it waits for the next event (an `asyncio.timeout`
+    around it, a TaskGroup's failed sibling) cuts the call: that task is cancelled, and a
+    later loop fails CANCELLED, as after a `break`. Before, the later loop yielded nothing
+    without a word, as though the call had answered nothing, and the one after it said
+    the events were read to their end."""
+    if kind == "stream":
+        upstream.script(Reply(content="word " * 20, chunks=20, chunk_delay_s=3.0))
+    else:
+        upstream.script(Reply(content="fast"), Reply(content="slow", delay_s=60))
+    items = [
+        pb.BatchItem(id=str(i), request=build_request("x", model=FAKE_MODEL)) for i in range(2)
+    ]
+    async with GatewayClient(gateway.server.address, timeout_s=WAIT_S) as client:
+        events: Any = (
+            client.stream("Tell a story", model=FAKE_MODEL)
+            if kind == "stream"
+            else client.complete_batch(items, concurrency=2)
+        )
+        first_came = asyncio.Event()
+
+        async def read() -> None:
+            async for _ in events:
+                first_came.set()  # then it waits for the next event, where the cancel lands
+
+        reading = asyncio.create_task(read())
+        await first_came.wait()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await upstream.wait_for_disconnect(timeout_s=WAIT_S)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in events:
+                    pass
+            assert raised.value.code() == grpc.StatusCode.CANCELLED
+            assert "call was cancelled" in (raised.value.details() or "")
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+
+
 @pytest.mark.parametrize("how", ["unread", "peek"])
 @pytest.mark.parametrize("kind", ["stream", "batch"])
 async def test_a_stream_or_batch_of_an_ended_event_loop_fails_cancelled_in_a_later_one(

@@ -485,13 +485,24 @@ class _CallEnd:
             raise
         except asyncio.CancelledError:
             if _is_task_cancelling():
-                raise  # the reader's own cancellation: it stays one
+                # The reader's own cancellation: it stays one. grpc.aio cancelled the call
+                # it waited on, and ended its events: a later loop would read none.
+                if not self._is_cancelled and self._failure is None:
+                    self._failure = self._cancelled_with_reader_error()
+                raise
             if self._is_cancelled:
                 return
             # gRPC's own cancelled call: out of the loop, it would end the caller's task.
             self._failure = self._failure or self._cut_call_error()
             raise self._failure from None
         self._is_read = True
+
+    def _cancelled_with_reader_error(self) -> grpc.aio.AioRpcError:
+        """The failure of a call cut by the cancellation of the task reading it."""
+        return _cancelled_call_error(
+            f"this {self._name}'s call was cancelled with the task of a loop reading it "
+            "(its cancellation, or a timeout around the loop): make the call again"
+        )
 
     def _cut_call_error(self) -> grpc.aio.AioRpcError:
         """The failure of a call gRPC reports cancelled, which neither the caller nor the
