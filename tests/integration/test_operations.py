@@ -10,7 +10,7 @@ import random
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -948,6 +948,19 @@ async def test_check_warns_of_a_redis_that_does_not_answer_without_its_password(
 
 
 @contextlib.asynccontextmanager
+async def _redis_url_served_by(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A Redis URL whose connections `handler` serves, on loopback, for the block."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
 async def _hung_redis() -> AsyncIterator[str]:
     """The URL of a Redis that takes connections and never answers (a partition's)."""
 
@@ -955,12 +968,8 @@ async def _hung_redis() -> AsyncIterator[str]:
         await reader.read()  # until the client leaves
         writer.close()
 
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    try:
-        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with _redis_url_served_by(never_answer) as url:
+        yield url
 
 
 async def test_check_waits_for_a_hung_redis_at_most_a_second(
@@ -1031,12 +1040,8 @@ async def _redis_in_protected_mode() -> AsyncIterator[str]:
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(deny, "127.0.0.1", 0)
-    try:
-        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with _redis_url_served_by(deny) as url:
+        yield url
 
 
 @pytest.mark.parametrize("command", ["serve 1", "serve 2", "check"])

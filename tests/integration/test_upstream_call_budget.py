@@ -14,12 +14,8 @@ raises the budget with it.
 from __future__ import annotations
 
 import asyncio
-import gc
-import sys
 import threading
 from collections.abc import Iterator
-from types import FrameType
-from typing import Any
 
 import orjson
 import pytest
@@ -28,6 +24,7 @@ import uvloop
 from bench.lean_upstream import Answers, serve
 from service.upstream.client import UpstreamClient
 from service.upstream.types import UpstreamCall
+from tests.call_counting import start_counting_calls
 from tests.conftest import FAKE_MODEL, gateway_config
 
 # Measured with CPython 3.11 and uvloop 0.21: 83 while an `asyncio.timeout` bounded the
@@ -72,23 +69,13 @@ async def exchange_calls(client: UpstreamClient) -> int:
     alive, its caches filled)."""
     for _ in range(3):
         await client.complete(CALL, timeout_s=10)
-    calls = 0
-
-    def count(frame: FrameType, event: str, arg: Any) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-
-    gc.collect()
-    gc.disable()  # no finalizers of earlier tests' leftovers in the count
-    sys.setprofile(count)
+    stop_counting = start_counting_calls()
     try:
         reply = await client.complete(CALL, timeout_s=10)
     finally:
-        sys.setprofile(None)
-        gc.enable()
+        calls = stop_counting()
     assert reply.content == "hello"
-    return calls - 1  # `sys.setprofile(None)` itself
+    return calls
 
 
 def test_one_unary_exchange_stays_within_its_python_call_budget(lean_upstream: str) -> None:

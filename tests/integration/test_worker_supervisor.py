@@ -145,6 +145,13 @@ async def _listening(process: asyncio.subprocess.Process) -> str:
     return line.split()[3]
 
 
+async def _stop_cleanly(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the supervisor; it exits 0 within the hang guard."""
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(_HANG_GUARD_S):
+        assert await process.wait() == 0
+
+
 def _pid(line: str) -> int:
     return int(re.findall(r" pid=(\d+)", line)[0])
 
@@ -298,9 +305,7 @@ async def test_workers_set_with_state_in_memory_are_warned_of_once(tmp_path, set
     flag = ("--workers", "2") if set_by == "flag" else ()
     async with _serve_logged("--config", str(path), *flag) as (process, log):
         await _listening(process)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(_HANG_GUARD_S):
-            assert await process.wait() == 0
+        await _stop_cleanly(process)
     [warning] = log.events("workers.state_per_worker")
     assert " WARNING " in warning
     assert warning.rstrip().endswith("worker=supervisor")
@@ -386,9 +391,7 @@ async def test_each_start_warning_is_said_once_by_the_gateway(
     path = _write_config(tmp_path, **sections(tmp_path))
     async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
         await _listening(process)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(_HANG_GUARD_S):
-            assert await process.wait() == 0
+        await _stop_cleanly(process)
     said = {}
     for warning in warnings:
         event, _, detail = warning.format(tmp_path=tmp_path).partition(" ")
@@ -422,9 +425,7 @@ async def test_a_redis_that_does_not_answer_at_start_is_warned_of_once(
         )
         async with _serve_logged("--config", str(path), "--workers", workers) as (process, log):
             await _listening(process)
-            process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(_HANG_GUARD_S):
-                assert await process.wait() == 0
+            await _stop_cleanly(process)
     [warning] = log.events("redis.no_answer_at_start")
     assert " WARNING " in warning
     assert (
@@ -450,9 +451,7 @@ async def test_a_redis_that_answers_at_start_is_not_warned_of(
     )
     async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
         await _listening(process)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(_HANG_GUARD_S):
-            assert await process.wait() == 0
+        await _stop_cleanly(process)
     assert log.events("server.workers")  # the log was read
     assert log.events("redis.no_answer_at_start") == []
 
@@ -480,9 +479,7 @@ async def test_a_keys_file_turned_unusable_is_said_by_worker_0_alone(tmp_path: P
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         stub = pb_grpc.CompletionServiceStub(channel)
                         await stub.Complete(chat(), metadata=key, timeout=10)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(_HANG_GUARD_S):
-            assert await process.wait() == 0
+        await _stop_cleanly(process)
     said = log.events("auth.keys_file_unusable")
     assert {line.split()[2] for line in said} == {"WARNING"}, said
     assert {line.rstrip().rpartition(" ")[2] for line in said} == {"worker=0"}, said
@@ -505,9 +502,7 @@ async def test_a_keys_file_loosened_while_serving_is_said_by_worker_0_alone(
         await _listening(process)
         keys.chmod(0o666)
         await log.nth("auth.keys_file_writable", 2)  # each worker checks it between calls
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(_HANG_GUARD_S):
-            assert await process.wait() == 0
+        await _stop_cleanly(process)
     said = sorted(
         (line.split()[2], line.rstrip().rpartition(" ")[2])
         for line in log.events("auth.keys_file_writable")
@@ -540,9 +535,7 @@ async def test_a_keys_file_whose_read_hangs_keeps_no_gateway_from_exiting(
                 error = await _rpc_error(stub.Complete(chat(), metadata=key, timeout=30))
             # Past the keys' check: its upstream (port 1) refuses the connection.
             assert error.code() is grpc.StatusCode.UNAVAILABLE, error
-            process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(_HANG_GUARD_S):
-                assert await process.wait() == 0
+            await _stop_cleanly(process)
         finally:
             with contextlib.suppress(OSError):  # ENXIO: no reader left
                 os.close(os.open(keys, os.O_WRONLY | os.O_NONBLOCK))
@@ -610,9 +603,7 @@ async def test_each_line_names_the_worker_or_the_supervisor_that_wrote_it(tmp_pa
     async with _serve_logged("--config", str(path), "--workers", "2") as (process, log):
         await _listening(process)
         await log.nth("server.started", 2)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(_HANG_GUARD_S):
-            assert await process.wait() == 0
+        await _stop_cleanly(process)
     started = sorted(line.rsplit(" ", 1)[1] for line in log.events("server.started"))
     assert started == ["worker=0\n", "worker=1\n"]
     assert log.events("server.workers")[0].endswith(" worker=supervisor\n")

@@ -10,9 +10,6 @@ metric aggregated) and off. A change that needs more says so in bench/README.md
 
 from __future__ import annotations
 
-import gc
-import sys
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -23,6 +20,7 @@ from bench.telemetry_calls import one_call
 from bench.telemetry_overhead import DiscardingExporter
 from service.config import TelemetryConfig
 from service.telemetry import Telemetry
+from tests.call_counting import start_counting_calls
 
 # Measured with CPython 3.11: 161 on before the thirtieth session's change, 128 after;
 # 103 on and 48 off after the thirty-fifth's, 101 and 46 after the thirty-sixth's, 101
@@ -35,24 +33,12 @@ OFF_BUDGET = 32
 def python_calls(telemetry: Telemetry) -> int:
     """The calls `one_call` makes once warm (its caches filled), in this thread."""
     one_call(telemetry)
-    calls = 0
-
-    def count(frame: FrameType, event: str, arg: Any) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-
-    # No collection in the count: one run then would call the finalizers (`__del__`) of
-    # whatever earlier tests in this process left behind, 4 calls more in a full run.
-    gc.collect()
-    gc.disable()
-    sys.setprofile(count)
+    stop_counting = start_counting_calls()
     try:
         one_call(telemetry)
     finally:
-        sys.setprofile(None)
-        gc.enable()
-    return calls - 1  # `sys.setprofile(None)` itself
+        calls = stop_counting()
+    return calls
 
 
 @pytest.fixture
