@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from bench.harness import child_server
-from bench.servers import gateway_config_data
+from bench.servers import gateway_config_data, run_as_the_gateway_runs
 from llmgateway.v1 import gateway_pb2 as pb
 from llmgateway.v1 import gateway_pb2_grpc as pb_grpc
 
@@ -90,11 +90,7 @@ async def _serve_gateway(redis_url: str) -> None:
 
 
 def _serve(kind: str, redis_url: str) -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(_serve_trivial() if kind == "trivial" else _serve_gateway(redis_url))
+    run_as_the_gateway_runs(_serve_trivial() if kind == "trivial" else _serve_gateway(redis_url))
 
 
 # ---- the load generator -------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -26,12 +27,13 @@ MODEL = "bench-model"
 STREAM_CHUNKS = int(os.environ.get("BENCH_STREAM_CHUNKS", "200"))
 
 
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+def run_as_the_gateway_runs(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on the event loop the gateway's `run` serves on (uvloop's when
+    installed): every server of the bench, the trivial one too, on the same loop."""
+    from service.server import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main)
 
 
 async def _wait_forever() -> None:
@@ -195,20 +197,19 @@ def _discarding_telemetry() -> Any:
 
 def main() -> None:
     """Run the server named on the command line."""
-    _install_uvloop()
     kind = sys.argv[1]
     if kind == "mock":
-        asyncio.run(run_mock())
+        run_as_the_gateway_runs(run_mock())
     elif kind == "lean-mock":
-        asyncio.run(run_lean_mock())
+        run_as_the_gateway_runs(run_lean_mock())
     elif kind == "trivial":
-        asyncio.run(run_trivial())
+        run_as_the_gateway_runs(run_trivial())
     elif kind == "gateway":
-        asyncio.run(run_gateway(sys.argv[2]))
+        run_as_the_gateway_runs(run_gateway(sys.argv[2]))
     elif kind == "gateway-metered":
-        asyncio.run(run_gateway(sys.argv[2], metered=True))
+        run_as_the_gateway_runs(run_gateway(sys.argv[2], metered=True))
     elif kind == "gateway-telemetry":
-        asyncio.run(run_gateway(sys.argv[2], with_telemetry=True))
+        run_as_the_gateway_runs(run_gateway(sys.argv[2], with_telemetry=True))
     else:
         raise SystemExit(f"unknown server {kind!r}")
 
