@@ -26,6 +26,7 @@ from tests.conftest import FAKE_MODEL, RunningGateway, chat, chat_stream, gatewa
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Status
 from tests.integration.helpers import rich_status
 from tests.integration.pki import make_pki
+from tests.integration.test_cache import eventually
 from tests.integration.test_resilience import checked_out_connections, dataclass_replace_upstream
 from tests.integration.test_stream_charges import PRICED_MODELS, recorded
 from tests.integration.test_upstream_http import read_request
@@ -373,9 +374,8 @@ async def test_the_rest_of_a_cut_calls_prompt_never_reaches_the_upstream(
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        async with asyncio.timeout(_TIMEOUT_S):  # the gateway let the call's connection go
-            while checked_out_connections(gateway):
-                await asyncio.sleep(0.01)
+        # The gateway let the call's connection go.
+        await eventually(lambda: checked_out_connections(gateway) == 0, timeout_s=_TIMEOUT_S)
         cut.set()
         length, body = await asyncio.wait_for(received, _TIMEOUT_S)
         assert length > 2_000_000
