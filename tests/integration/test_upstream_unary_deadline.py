@@ -24,6 +24,7 @@ from service.upstream import http
 from service.upstream.client import UpstreamClient
 from service.upstream.types import UpstreamCall
 from tests.conftest import FAKE_MODEL, gateway_config
+from tests.integration.test_cache import eventually
 from tests.integration.test_upstream_http import Handler, RawServer, read_request, serving
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -213,8 +214,7 @@ def test_nothing_of_an_exchange_outlives_it(loop: str) -> None:
             with pytest.raises(UpstreamTimeout):
                 await stalled.complete(CALL, timeout_s=UNIT_S)
             cancelled = asyncio.ensure_future(stalled.complete(CALL, timeout_s=600))
-            while stalled.checked_out_connections == 0:
-                await asyncio.sleep(0.001)
+            await eventually(lambda: stalled.checked_out_connections > 0)
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
@@ -249,8 +249,7 @@ def test_a_call_waiting_for_a_connection_past_its_deadline_times_out_and_leaves_
         one = dataclasses.replace(upstream, max_connections=1, max_concurrency=1)
         async with UpstreamClient(one) as client:
             first = asyncio.ensure_future(client.complete(CALL, timeout_s=600))
-            while client.checked_out_connections == 0:
-                await asyncio.sleep(0.001)
+            await eventually(lambda: client.checked_out_connections > 0)
             sent: list[bool] = []
             with pytest.raises(UpstreamTimeout) as caught:
                 await client.complete(CALL, timeout_s=UNIT_S, on_sent=lambda: sent.append(True))
